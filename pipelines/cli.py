@@ -1,0 +1,119 @@
+"""The `searchrel` command. Each sub-command parses its options and calls into `pipelines`; nothing else."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipelines.env import apply_defaults, default_root
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  help="Train, evaluate, serve and promote e-commerce search relevance models.")
+
+RootOpt = Annotated[Path, typer.Option(help="Artifact root (default $SEARCHREL_ROOT or ./artifacts).")]
+ProfileOpt = Annotated[str, typer.Option(help="Config profile: tiny, cpu, gpu, or a YAML path.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override: stage.field=value (repeatable).")]
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if not rows:
+        return
+    table = Table(title=title)
+    for key in rows[0]:
+        table.add_column(str(key), justify="right" if isinstance(rows[0][key], int | float) else "left")
+    for row in rows:
+        table.add_row(*(str(row.get(k, "")) for k in rows[0]))
+    Console().print(table)
+
+
+@app.command()
+def prepare(
+    dataset: Annotated[str, typer.Option(help="crowdflower, homedepot, esci, table | movielens, criteo, avazu")],
+    path: Annotated[Path, typer.Option(help="The source file or folder.")],
+    run_key: Annotated[str, typer.Option(help="Names this pipeline run; reruns with the same key reuse work.")],
+    profile: ProfileOpt = "tiny",
+    set_: SetOpt = None,
+    root: RootOpt = None,
+    force: Annotated[bool, typer.Option(help="Redo the stage even if its manifest matches.")] = False,
+) -> None:
+    """Load, validate, quarantine and split a dataset; print a summary table and log it to MLflow."""
+    from pipelines.config import ConfigError
+    from pipelines.data.prepare import run_prepare, summary_rows
+    from pipelines.data.relevance import DataError
+
+    try:
+        result = run_prepare(dataset=dataset, path=path, run_key=run_key, root=root or default_root(),
+                             profile=profile, overrides=set_, force=force)
+    except (ConfigError, DataError, ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    s = result.summary
+    state = "reused (manifest matches; --force to redo)" if result.skipped else "done"
+    typer.echo(f"prepare {dataset}: {state} -> {result.path}")
+    print_table(f"{dataset}: rows per split", summary_rows(s))
+    reasons = s.get("quarantined_by_reason") or {}
+    totals = {"read": s["rows_read"], "kept": s.get("rows_kept", sum(s.get("rows", {}).values())),
+              "quarantined": s.get("rows_quarantined", s.get("quarantined", 0))}
+    if s.get("rows_dropped_by_subsample"):
+        totals["not sampled"] = s["rows_dropped_by_subsample"]
+    print_table("rows read, kept and quarantined", [totals])
+    print_table("quarantined by reason", [{"reason": r, "rows": n} for r, n in reasons.items()])
+
+
+@app.command()
+def ui(
+    root: RootOpt = None,
+    host: Annotated[str, typer.Option(help="Bind address; loopback unless you mean to expose it.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
+) -> None:
+    """Start the MLflow UI on the embedded store (127.0.0.1 by default)."""
+    from pipelines.tracking.runs import tracking_uri
+
+    root = root or default_root()
+    uri = tracking_uri(root)
+    typer.echo(f"MLflow UI for {uri} at http://{host}:{port}  (Ctrl-C to stop)")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    if uri.startswith("sqlite:"):
+        cmd += ["--default-artifact-root", (Path(root) / "mlartifacts").as_uri()]
+    raise typer.Exit(subprocess.call(cmd, env=os.environ.copy()))
+
+
+def _setup() -> None:
+    apply_defaults()
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("alembic", "mlflow", "ray", "urllib3", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main() -> None:
+    _setup()
+    app()
+
+
+def run_subcommand(name: str, argv: list[str]) -> None:
+    """Run one sub-command with its own arguments (the `ray_jobs.<stage>` entry points use this)."""
+    _setup()
+    app([name, *argv])
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""The `prepare` stage of both pipelines: relevance judgments (taosr1) and click tables (autofas)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import load_stage_config
+from pipelines.data.relevance import DATASETS as RELEVANCE_DATASETS
+from pipelines.data.relevance import PrepareConfig, prepare_relevance
+from pipelines.stage import StageContext, StageResult, file_digest, run_stage
+
+CLICK_DATASETS = ("movielens", "criteo", "avazu")
+
+
+@dataclass
+class ClickPrepareConfig:
+    """Settings of the `prepare` stage of the AutoFAS pipeline."""
+
+    seed: int = field(default=0, metadata={"help": "Seed recorded with the data (the splits are rule-based)."})
+    min_count: int = field(
+        default=2, metadata={"help": "Categorical values seen fewer times in train map to the out-of-vocabulary id."}
+    )
+
+
+def pipeline_of(dataset: str) -> str:
+    if dataset in RELEVANCE_DATASETS:
+        return "taosr1"
+    if dataset in CLICK_DATASETS:
+        return "autofas"
+    raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(RELEVANCE_DATASETS + CLICK_DATASETS)}")
+
+
+def prepare_config(dataset: str, profile: str | None, overrides: list[str] | None):
+    cls = PrepareConfig if pipeline_of(dataset) == "taosr1" else ClickPrepareConfig
+    return load_stage_config(cls, pipeline_of(dataset), "prepare", profile, overrides)
+
+
+def _log_splits(ctx: StageContext, dataset: str) -> None:
+    import pandas as pd
+
+    from pipelines.tracking import runs
+
+    for split in ("train", "val", "test"):
+        path = ctx.work_dir / f"{split}.parquet"
+        runs.log_dataset(pd.read_parquet(path), source=str(ctx.stage_dir("prepare") / path.name),
+                         name=f"{dataset}-{split}", digest=file_digest(path), context=split)
+
+
+def run_prepare(
+    *,
+    dataset: str,
+    path: Path,
+    run_key: str,
+    root: Path,
+    profile: str | None = None,
+    overrides: list[str] | None = None,
+    force: bool = False,
+) -> StageResult:
+    config = prepare_config(dataset, profile, overrides)
+    pipeline = pipeline_of(dataset)
+
+    def body(ctx: StageContext) -> dict[str, Any]:
+        if pipeline == "taosr1":
+            summary = prepare_relevance(dataset, path, ctx.work_dir, config)
+        else:
+            from pipelines.data.clicks import prepare_clicks
+
+            summary = prepare_clicks(dataset, Path(path), ctx.work_dir, min_count=config.min_count, seed=config.seed)
+        _log_splits(ctx, dataset)
+        from pipelines.tracking import runs
+
+        runs.log_table_markdown(summary_rows(summary), "prepare_summary.md")
+        return summary
+
+    return run_stage(root=root, pipeline=pipeline, run_key=run_key, stage="prepare", config=config,
+                     inputs={"source": Path(path)}, body=body, force=force)
+
+
+def summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per split (rows, queries or users, label counts) for the command's closing table."""
+    rows = []
+    if "labels" in summary:  # relevance
+        for split in ("train", "val", "test"):
+            counts = summary["labels"][split]
+            rows.append({"split": split, "rows": sum(counts.values()), "queries": summary["queries"][split],
+                         **{f"L{k}": v for k, v in sorted(counts.items(), reverse=True)}})
+    else:  # clicks
+        for split in ("train", "val", "test"):
+            n = summary["rows"][split]
+            rows.append({"split": split, "rows": n, "positives": summary["positives"][split],
+                         "ctr": round(summary["ctr"][split], 4)})
+    return rows

@@ -1,0 +1,409 @@
+"""Relevance judgments: read raw files, validate and normalise each row, quarantine bad rows, split by query.
+
+The flow of `prepare_relevance`:
+
+1. `read_raw` reads a source (CrowdFlower, Home Depot, ESCI, or any CSV/Parquet with a column mapping) into a
+   table of raw string columns, each row tagged with its file and 1-based data row.
+2. `validate_batch` maps a batch of raw rows onto the canonical schema (`pipelines.data.schema`): strips HTML,
+   maps labels to TaoSR1's 4 levels, and gives each bad row a `reason` and the `field` at fault. It is a pure
+   function of the batch, so Ray Data runs it (`engine="ray"`, the default: the same code runs on a cluster)
+   or pandas runs it in-process (`engine="pandas"`, the baseline of `bench/prepare.py`).
+3. Whole-table checks: conflicting duplicate labels for one (query, item).
+4. A deterministic split by query, so no query is in two splits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.data.schema import COLUMNS, JUDGMENT_SCHEMA, LEVELS, QUARANTINE_SCHEMA
+
+DATASETS = ("crowdflower", "homedepot", "esci", "table")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class PrepareConfig:
+    """Settings of the `prepare` stage of the TaoSR1 pipeline."""
+
+    seed: int = field(default=0, metadata={"help": "Seed of the query split (and of query subsampling)."})
+    val_fraction: float = field(default=0.1, metadata={"help": "Share of queries in the validation split."})
+    test_fraction: float = field(default=0.2, metadata={"help": "Share of queries in the test split."})
+    max_bad_fraction: float = field(
+        default=0.05,
+        metadata={"help": "Fail the stage when more than this share of rows is quarantined (a broken file)."},
+    )
+    max_query_chars: int = field(default=300, metadata={"help": "Longer queries are quarantined as oversized."})
+    max_text_chars: int = field(
+        default=20_000, metadata={"help": "Titles or descriptions longer than this are quarantined as oversized."}
+    )
+    homedepot_cuts: list[float] = field(
+        default_factory=lambda: [1.5, 2.25, 2.75],
+        metadata={
+            "help": "Cut points on Home Depot's 1-3 rater mean: <=c1 -> 1 Irrelevant, <=c2 -> 2 Mismatch, "
+            "<=c3 -> 3 Related, above -> 4 Excellent. The defaults put the common values 1.0/1.33 in 1, "
+            "1.67/2.0 in 2, 2.33/2.67 in 3 and only unanimous 3.0 in 4."
+        },
+    )
+    columns: dict[str, str] = field(
+        default_factory=dict,
+        metadata={
+            "help": "For dataset=table: canonical column -> source column (query, title, label required; "
+            "query_id, item_id, description optional). Other datasets have fixed mappings."
+        },
+    )
+    label_map: dict[str, int] = field(
+        default_factory=dict,
+        metadata={"help": "For dataset=table: source label value -> level 1-4. Empty: labels must be 1-4."},
+    )
+    max_queries: int = field(
+        default=0, metadata={"help": "Keep only this many queries (seeded choice) before splitting; 0 keeps all."}
+    )
+    engine: str = field(default="ray", metadata={"help": "ray (Ray Data map_batches) or pandas (in-process)."})
+    batch_size: int = field(default=8192, metadata={"help": "Rows per Ray Data batch."})
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """How one dataset's raw columns map onto the canonical ones, and how its labels become levels."""
+
+    dataset: str
+    query: str
+    title: str
+    label: str
+    description: str | None = None
+    query_id: str | None = None
+    item_id: str | None = None
+    attributes: tuple[str, ...] = ()
+    label_kind: str = "int"  # int (1-4) | homedepot (mean of 1-3) | esci (E/S/C/I) | map (label_map)
+
+
+SPECS = {
+    "crowdflower": SourceSpec("crowdflower", query="query", title="product_title", label="median_relevance",
+                              description="product_description"),
+    "homedepot": SourceSpec("homedepot", query="search_term", title="product_title", label="relevance",
+                            item_id="product_uid", label_kind="homedepot"),
+    "esci": SourceSpec("esci", query="query", title="product_title", label="esci_label",
+                       description="product_description", query_id="query_id", item_id="product_id",
+                       attributes=("product_bullet_point", "product_brand", "product_color", "product_locale"),
+                       label_kind="esci"),
+}
+ESCI_LEVELS = {"E": 4, "S": 3, "C": 2, "I": 1}
+
+
+class DataError(ValueError):
+    """A source cannot be read or is too broken to use; the message names the file and what to do."""
+
+
+def _read_csv(path: Path, encoding: str, sep: str = ",") -> pd.DataFrame:
+    # Everything as text: the validator decides what parses. surrogateescape keeps undecodable bytes visible
+    # (as lone surrogates) so those rows are quarantined instead of failing the whole read.
+    try:
+        return pd.read_csv(path, dtype=object, keep_default_na=False, encoding=encoding,
+                           encoding_errors="surrogateescape", sep=sep)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeError) as err:
+        raise DataError(f"{path}: cannot parse as CSV ({err}); check the delimiter, quoting and encoding") from err
+
+
+def _read_table(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path).astype(str).replace({"None": "", "nan": ""})
+    sep = "\t" if path.suffix in (".tsv", ".tab") else ","
+    return _read_csv(path, encoding, sep)
+
+
+def _single_file(path: Path, default_name: str) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / default_name
+    if not path.exists():
+        raise DataError(f"{path} does not exist; pass --path to the file (or its folder)")
+    return path
+
+
+def read_raw(dataset: str, path: Path, config: PrepareConfig | None = None) -> tuple[pd.DataFrame, SourceSpec]:
+    """Read a source as text columns plus `_source` ("<dataset>:<file>:<row>", row = 1-based data row)."""
+    config = config or PrepareConfig()
+    if dataset == "crowdflower":
+        file = _single_file(path, "train.csv")
+        df = _read_table(file)
+    elif dataset == "homedepot":
+        file = _single_file(path, "train.csv")
+        df = _read_csv(file, encoding="ISO-8859-1")  # Home Depot's file is latin-1, not UTF-8
+    elif dataset == "esci":
+        df, file = _read_esci(Path(path))
+    elif dataset == "table":
+        file = Path(path)
+        if not file.is_file():
+            raise DataError(f"{file} is not a file; --dataset table takes one CSV/TSV/Parquet file")
+        df = _read_table(file)
+    else:
+        raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    spec = _table_spec(config) if dataset == "table" else SPECS[dataset]
+    needed = [c for c in (spec.query, spec.title, spec.label, spec.description, spec.query_id, spec.item_id) if c]
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise DataError(f"{file}: missing column(s) {missing}; found {list(df.columns)}")
+    df = df.reset_index(drop=True)
+    df["_source"] = [f"{dataset}:{file.name}:{i + 1}" for i in range(len(df))]
+    return df, spec
+
+
+def _read_esci(path: Path) -> tuple[pd.DataFrame, Path]:
+    """ESCI as released (examples parquet + products parquet, joined on product and locale) or a joined file."""
+    if path.is_dir():
+        examples = sorted(path.glob("*examples*.parquet"))
+        products = sorted(path.glob("*products*.parquet"))
+        if examples and products:
+            ex = pd.read_parquet(examples[0])
+            pr = pd.read_parquet(products[0])
+            df = ex.merge(pr, on=["product_id", "product_locale"], how="left", validate="many_to_one")
+            return df.astype(str).replace({"None": "", "nan": ""}), examples[0]
+        joined = sorted(path.glob("*.csv")) + sorted(path.glob("*.parquet"))
+        if not joined:
+            raise DataError(f"{path}: no ESCI examples/products parquet files and no joined CSV/Parquet file")
+        path = joined[0]
+    return _read_table(path), path
+
+
+def _table_spec(config: PrepareConfig) -> SourceSpec:
+    cols = dict(config.columns)
+    missing = [c for c in ("query", "title", "label") if c not in cols]
+    if missing:
+        raise DataError(f"--dataset table needs prepare.columns for {missing} (e.g. prepare.columns.query=search)")
+    return SourceSpec("table", query=cols["query"], title=cols["title"], label=cols["label"],
+                      description=cols.get("description"), query_id=cols.get("query_id"),
+                      item_id=cols.get("item_id"), label_kind="map" if config.label_map else "int")
+
+
+# ------------------------------------------------------------------------------------------------- validation
+
+_TAG = re.compile(r"<[^>]+>")
+_SPACE = re.compile(r"\s+")
+_SURROGATE = re.compile(r"[\udc80-\udcff]")
+
+
+def clean_text(text: str) -> str:
+    """Strip HTML tags and entities and collapse whitespace."""
+    return _SPACE.sub(" ", html.unescape(_TAG.sub(" ", text))).strip()
+
+
+def stable_id(text: str) -> str:
+    """A short content id that is the same in every process (unlike Python's hash())."""
+    return hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def _level(raw: str, spec: SourceSpec, config: PrepareConfig) -> int | None:
+    raw = raw.strip()
+    if spec.label_kind == "esci":
+        return ESCI_LEVELS.get(raw.upper())
+    if spec.label_kind == "map":
+        return config.label_map.get(raw)
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    if not np.isfinite(value):
+        return None
+    if spec.label_kind == "homedepot":
+        if not 1.0 <= value <= 3.0:
+            return None
+        c1, c2, c3 = config.homedepot_cuts
+        return 1 if value <= c1 else 2 if value <= c2 else 3 if value <= c3 else 4
+    return int(value) if value in LEVELS else None
+
+
+def validate_batch(batch: pd.DataFrame, spec: SourceSpec, config: PrepareConfig) -> pd.DataFrame:
+    """Canonical rows for one batch of raw rows, with `reason`/`field` set on the bad ones (None when good)."""
+    out: dict[str, list[Any]] = {c: [] for c in (*COLUMNS, "reason", "field", "record")}
+    records = batch.to_dict("records")
+    for rec in records:
+        reason = bad_field = None
+        query = _SPACE.sub(" ", rec[spec.query]).strip()
+        title = clean_text(rec[spec.title])
+        description = clean_text(rec[spec.description]) if spec.description else ""
+        attributes = {a: clean_text(rec[a]) for a in spec.attributes if rec.get(a)}
+        raw_label = rec[spec.label]
+        level = _level(raw_label, spec, config)
+        texts = {"query": query, "title": title, "description": description, **attributes}
+        if not query:
+            reason, bad_field = "missing query", spec.query
+        elif not title:
+            reason, bad_field = "missing title", spec.title
+        elif not raw_label.strip():
+            reason, bad_field = "missing label", spec.label
+        elif level is None:
+            reason, bad_field = f"label {raw_label!r} is not a valid level", spec.label
+        else:
+            for name, text in texts.items():
+                if _SURROGATE.search(text) or "\ufffd" in text:
+                    reason, bad_field = "undecodable text", name
+                    break
+            else:
+                if len(query) > config.max_query_chars:
+                    reason, bad_field = f"oversized query ({len(query)} > {config.max_query_chars} chars)", "query"
+                else:
+                    for name in ("title", "description"):
+                        if len(texts[name]) > config.max_text_chars:
+                            reason = f"oversized {name} ({len(texts[name])} > {config.max_text_chars} chars)"
+                            bad_field = name
+                            break
+        if reason == "undecodable text":
+            # Arrow strings cannot hold lone surrogates; the raw bytes survive escaped in `record`.
+            query, title, description = (_SURROGATE.sub("\ufffd", t) for t in (query, title, description))
+            attributes = {k: _SURROGATE.sub("\ufffd", v) for k, v in attributes.items()}
+        query_id = rec[spec.query_id].strip() if spec.query_id else ""
+        item_id = rec[spec.item_id].strip() if spec.item_id else ""
+        out["query_id"].append(query_id or stable_id(query.lower()))
+        out["query"].append(query)
+        out["item_id"].append(item_id or stable_id(title + "\x1f" + description))
+        out["title"].append(title)
+        out["description"].append(description)
+        out["attributes"].append(json.dumps(attributes, ensure_ascii=False, sort_keys=True))
+        out["label"].append(level if reason is None else 0)
+        out["raw_label"].append(_SURROGATE.sub("\ufffd", raw_label))
+        out["source"].append(rec["_source"])
+        out["reason"].append(reason)
+        out["field"].append(bad_field)
+        out["record"].append(
+            None if reason is None
+            else json.dumps({k: v for k, v in rec.items() if k != "_source"}, ensure_ascii=True)
+        )
+    return pd.DataFrame(out)
+
+
+def _validate(raw: pd.DataFrame, spec: SourceSpec, config: PrepareConfig) -> pd.DataFrame:
+    if config.engine == "pandas":
+        return validate_batch(raw, spec, config)
+    if config.engine != "ray":
+        raise DataError(f"prepare.engine must be 'ray' or 'pandas', not {config.engine!r}")
+    from pipelines.raycluster import ensure_ray
+
+    ensure_ray()
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ds = ray.data.from_pandas(raw).map_batches(
+        validate_batch, fn_kwargs={"spec": spec, "config": config}, batch_format="pandas",
+        batch_size=config.batch_size,
+    )
+    return ds.to_pandas()
+
+
+def order_of(sources: pd.Series) -> np.ndarray:
+    """The 1-based data row of each `source` tag."""
+    return np.array([int(str(s).rsplit(":", 1)[1]) for s in sources])
+
+
+def _mark_conflicts(rows: pd.DataFrame) -> None:
+    """Quarantine every row of a (query, item) pair that was judged with different levels."""
+    good = rows["reason"].isna()
+    levels = rows[good].groupby(["query_id", "item_id"])["label"].transform("nunique")
+    conflict = levels[levels > 1].index
+    rows.loc[conflict, "reason"] = "conflicting duplicate labels"
+    rows.loc[conflict, "field"] = "label"
+
+
+# ---------------------------------------------------------------------------------------------------- splits
+
+
+def split_of(query_id: str, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """The split of a query from a seeded sha256 of its id: stable across processes, machines and row order."""
+    u = int(hashlib.sha256(f"{seed}:{query_id}".encode()).hexdigest()[:15], 16) / float(1 << 60)
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def assign_splits(rows: pd.DataFrame, config: PrepareConfig) -> pd.Series:
+    ids = rows["query_id"].unique()
+    mapping = {q: split_of(q, config.seed, config.val_fraction, config.test_fraction) for q in ids}
+    return rows["query_id"].map(mapping)
+
+
+def _subsample_queries(rows: pd.DataFrame, config: PrepareConfig) -> pd.DataFrame:
+    if not config.max_queries:
+        return rows
+    # A salt other than the split's, so the chosen queries still spread over train/val/test.
+    ids = sorted(rows["query_id"].unique(),
+                 key=lambda q: hashlib.sha256(f"subsample:{config.seed}:{q}".encode()).digest())
+    return rows[rows["query_id"].isin(set(ids[: config.max_queries]))]
+
+
+# ------------------------------------------------------------------------------------------------------ stage
+
+
+def to_table(rows: pd.DataFrame) -> pa.Table:
+    frame = rows[COLUMNS].astype({"label": "int8"}).reset_index(drop=True)
+    # No pandas metadata: the files depend only on the rows, whichever engine produced them.
+    return pa.Table.from_pandas(frame, schema=JUDGMENT_SCHEMA, preserve_index=False).replace_schema_metadata(None)
+
+
+def read_split(folder: Path, split: str) -> pd.DataFrame:
+    """Read one split written by `prepare_relevance`."""
+    return pq.read_table(Path(folder) / f"{split}.parquet").to_pandas()
+
+
+def prepare_relevance(dataset: str, path: Path, out_dir: Path, config: PrepareConfig) -> dict[str, Any]:
+    """Read, validate, quarantine and split a judgment source into `out_dir`; returns the summary."""
+    raw, spec = read_raw(dataset, path, config)
+    rows = _validate(raw, spec, config)
+    # Ray Data may reorder batches; restore file order so outputs are byte-identical across engines and runs.
+    rows = rows.iloc[np.argsort(order_of(rows["source"]), kind="stable")].reset_index(drop=True)
+    _mark_conflicts(rows)
+    bad = rows["reason"].notna()
+    n_read, n_bad = len(raw), int(bad.sum())
+    if n_read == 0:
+        raise DataError(f"{path}: no rows to read")
+    if n_bad / n_read > config.max_bad_fraction:
+        top = rows.loc[bad, "reason"].value_counts().head(3).to_dict()
+        raise DataError(
+            f"{path}: {n_bad} of {n_read} rows ({n_bad / n_read:.1%}) are bad, over prepare.max_bad_fraction="
+            f"{config.max_bad_fraction}; most common reasons: {top}. First bad row: "
+            f"{rows.loc[bad, 'source'].iloc[0]} field {rows.loc[bad, 'field'].iloc[0]!r}. Fix the file or its "
+            "column mapping, or raise the threshold."
+        )
+    quarantine = rows.loc[bad, ["source", "field", "reason", "record"]].copy()
+    missing = quarantine["record"].isna()
+    if missing.any():  # rows quarantined by whole-table checks: keep their raw record too
+        positions = order_of(quarantine.loc[missing, "source"]) - 1
+        quarantine.loc[missing, "record"] = [
+            json.dumps(r, ensure_ascii=True) for r in raw.drop(columns="_source").iloc[positions].to_dict("records")
+        ]
+    table = pa.Table.from_pandas(quarantine.reset_index(drop=True), schema=QUARANTINE_SCHEMA, preserve_index=False)
+    pq.write_table(table.replace_schema_metadata(None), Path(out_dir) / "quarantine.parquet")
+    kept = _subsample_queries(rows.loc[~bad], config)
+    kept = kept.assign(split=assign_splits(kept, config))
+    summary: dict[str, Any] = {
+        "dataset": dataset,
+        "rows_read": n_read,
+        "rows_kept": int((~bad).sum()),
+        "rows_quarantined": n_bad,
+        "rows_dropped_by_subsample": int((~bad).sum() - len(kept)),
+        "quarantined_by_reason": {str(k): int(v) for k, v in quarantine["reason"].value_counts().items()},
+        "queries": {},
+        "labels": {},
+    }
+    for split in SPLITS:
+        part = kept[kept["split"] == split]
+        pq.write_table(to_table(part), Path(out_dir) / f"{split}.parquet")
+        summary["queries"][split] = int(part["query_id"].nunique())
+        summary["labels"][split] = {str(lvl): int((part["label"] == lvl).sum()) for lvl in sorted(LEVELS)}
+    return summary

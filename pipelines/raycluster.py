@@ -1,0 +1,21 @@
+"""Connect to Ray: the cluster named by `RAY_ADDRESS` when set, else a local Ray started in this process."""
+
+from __future__ import annotations
+
+import os
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    from pipelines.env import apply_defaults
+
+    apply_defaults()
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        # No dashboard: it needs ray[default], and the local default must not open ports beyond loopback.
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 configure_logging=True, logging_level="WARNING")

@@ -1,0 +1,233 @@
+"""The stage contract: `run_stage(...)` runs one stage of one pipeline run, atomically and idempotently.
+
+Layout under the artifact root:
+
+    <root>/<pipeline>/<run_key>/<stage>/            the finished outputs, with manifest.json
+    <root>/<pipeline>/<run_key>/.tmp-<stage>-<id>/  where a running stage writes (renamed into place at the end)
+    <root>/<pipeline>/<run_key>/.checkpoints/<stage>/  training checkpoints, kept across kills for resume
+
+A stage's output folder appears only by `os.rename` of a complete temporary folder, so a killed stage leaves no
+output folder; its leftover temporary folder is removed by the next run. A rerun whose manifest matches the
+config, the input digests and the output digests returns the recorded outputs without running anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Callable, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import to_dict
+from pipelines.env import REPO_ROOT
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+TRACKED_PACKAGES = (
+    "searchrel", "torch", "transformers", "deepspeed", "ray", "mlflow", "pyarrow", "apache-airflow", "numpy",
+    "pandas", "scikit-learn", "peft", "tokenizers",
+)
+_CHUNK = 1 << 20
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def path_digest(path: Path) -> str:
+    """sha256 of a file, or of a folder's sorted (relative path, file digest) list. Manifests are excluded."""
+    path = Path(path)
+    if path.is_file():
+        return file_digest(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"input {path} does not exist")
+    h = hashlib.sha256()
+    for child in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST):
+        h.update(child.relative_to(path).as_posix().encode())
+        h.update(file_digest(child).encode())
+    return h.hexdigest()
+
+
+def config_digest(config: Any) -> str:
+    payload = json.dumps(to_dict(config) if dataclasses.is_dataclass(config) else config, sort_keys=True,
+                         default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True)
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+@dataclasses.dataclass
+class StageContext:
+    """What a stage body gets: where to write, where to checkpoint, and which MLflow run is its own."""
+
+    pipeline: str
+    run_key: str
+    stage: str
+    root: Path
+    work_dir: Path
+    checkpoint_dir: Path
+    config: Any
+    inputs: dict[str, Path]
+    mlflow_run_id: str | None = None
+
+    def stage_dir(self, stage: str) -> Path:
+        """The finished output folder of another stage of the same run."""
+        return stage_dir(self.root, self.pipeline, self.run_key, stage)
+
+
+@dataclasses.dataclass
+class StageResult:
+    path: Path
+    manifest: dict[str, Any]
+    skipped: bool
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.manifest.get("summary", {})
+
+
+def run_dir(root: Path, pipeline: str, run_key: str) -> Path:
+    if not run_key or "/" in run_key or run_key.startswith("."):
+        raise ValueError(f"run key {run_key!r} must be non-empty, without '/' and not start with '.'")
+    return Path(root) / pipeline / run_key
+
+
+def stage_dir(root: Path, pipeline: str, run_key: str, stage: str) -> Path:
+    return run_dir(root, pipeline, run_key) / stage
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(path) / MANIFEST).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _outputs_intact(out: Path, manifest: Mapping[str, Any]) -> bool:
+    recorded = manifest.get("outputs", {})
+    current = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != MANIFEST}
+    if current != set(recorded):
+        return False
+    return all(file_digest(out / rel) == digest for rel, digest in recorded.items())
+
+
+def run_stage(
+    *,
+    root: Path,
+    pipeline: str,
+    run_key: str,
+    stage: str,
+    config: Any,
+    inputs: Mapping[str, Path],
+    body: Callable[[StageContext], dict[str, Any] | None],
+    force: bool = False,
+    tracking: bool = True,
+) -> StageResult:
+    """Run `body` unless a matching manifest says this exact work is already done.
+
+    `inputs` are the files or folders the stage reads; their digests go into the manifest and decide, together
+    with the config digest, whether recorded outputs can be reused. `body` writes into `ctx.work_dir` and
+    returns a JSON-able summary (row counts, metrics) that is stored in the manifest.
+    """
+    root = Path(root).resolve()
+    base = run_dir(root, pipeline, run_key)
+    out = base / stage
+    inputs = {name: Path(p).resolve() for name, p in inputs.items()}
+    input_digests = {name: path_digest(p) for name, p in inputs.items()}
+    cfg_digest = config_digest(config)
+
+    previous = read_manifest(out)
+    if (
+        not force
+        and previous is not None
+        and previous.get("config_digest") == cfg_digest
+        and {k: v["digest"] for k, v in previous.get("inputs", {}).items()} == input_digests
+        and _outputs_intact(out, previous)
+    ):
+        log.info("stage %s/%s/%s: manifest matches, reusing %s", pipeline, run_key, stage, out)
+        return StageResult(out, previous, skipped=True)
+
+    base.mkdir(parents=True, exist_ok=True)
+    for stale in base.glob(f".tmp-{stage}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    work = base / f".tmp-{stage}-{uuid.uuid4().hex[:8]}"
+    work.mkdir()
+    ctx = StageContext(pipeline=pipeline, run_key=run_key, stage=stage, root=root, work_dir=work,
+                       checkpoint_dir=base / ".checkpoints" / stage, config=config, inputs=dict(inputs))
+    started = dt.datetime.now(dt.UTC)
+    try:
+        if tracking:
+            from pipelines.tracking import runs
+
+            with runs.stage_run(root, pipeline, run_key, stage) as mlflow_run_id:
+                ctx.mlflow_run_id = mlflow_run_id
+                runs.log_stage_start(config, inputs, input_digests)
+                summary = body(ctx) or {}
+                runs.log_summary(summary)
+        else:
+            summary = body(ctx) or {}
+        manifest = {
+            "pipeline": pipeline,
+            "run_key": run_key,
+            "stage": stage,
+            "config": to_dict(config) if dataclasses.is_dataclass(config) else config,
+            "config_digest": cfg_digest,
+            "inputs": {name: {"path": str(inputs[name]), "digest": d} for name, d in input_digests.items()},
+            "outputs": {
+                p.relative_to(work).as_posix(): file_digest(p)
+                for p in sorted(work.rglob("*")) if p.is_file() and p.name != MANIFEST
+            },
+            "summary": summary,
+            "mlflow_run_id": ctx.mlflow_run_id,
+            "git_commit": git_commit(),
+            "packages": package_versions(),
+            "started_at": started.isoformat(),
+            "finished_at": dt.datetime.now(dt.UTC).isoformat(),
+        }
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        if out.exists():
+            # Replace atomically enough: move the old folder aside first, so `out` is either old or new.
+            trash = base / f".old-{stage}-{uuid.uuid4().hex[:8]}"
+            os.rename(out, trash)
+            os.rename(work, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)  # finished: checkpoints are only for resuming
+    return StageResult(out, manifest, skipped=False)

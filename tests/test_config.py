@@ -1,0 +1,76 @@
+from dataclasses import dataclass, field
+
+import pytest
+
+from pipelines.config import (
+    ConfigError,
+    build_config,
+    help_text,
+    load_profile,
+    load_stage_config,
+    parse_overrides,
+)
+from pipelines.data.relevance import PrepareConfig
+
+
+@dataclass
+class Inner:
+    r: int = field(default=4, metadata={"help": "rank"})
+
+
+@dataclass
+class Outer:
+    lr: float = field(default=1e-3, metadata={"help": "learning rate"})
+    name: str = field(default="tiny", metadata={"help": "model"})
+    lora: Inner = field(default_factory=Inner, metadata={"help": "LoRA settings"})
+
+
+def test_defaults_profile_and_overrides_merge_in_order():
+    cfg = load_stage_config(PrepareConfig, "taosr1", "prepare", "tiny", ["prepare.seed=7", "prepare.engine=pandas"])
+    assert cfg.seed == 7 and cfg.engine == "pandas"
+    assert cfg.max_queries == load_profile("tiny")["taosr1"]["prepare"]["max_queries"]
+    assert load_stage_config(PrepareConfig, "taosr1", "prepare", None, None) == PrepareConfig()
+
+
+def test_nested_override_and_yaml_values():
+    assert parse_overrides(["sft.lora.r=8", "sft.name=x", "sft.flags=[1, 2]"]) == {
+        "sft": {"lora": {"r": 8}, "name": "x", "flags": [1, 2]}
+    }
+    # YAML 1.1 reads "1e-4" as a string; validation coerces it to the field's float type.
+    cfg = build_config(Outer, "sft", parse_overrides(["sft.lora.r=8", "sft.lr=1e-4"])["sft"])
+    assert cfg.lora.r == 8 and cfg.lr == 1e-4
+
+
+def test_every_field_has_help():
+    from dataclasses import fields
+
+    for cls in (PrepareConfig,):
+        for f in fields(cls):
+            assert help_text(cls, f.name), f"{cls.__name__}.{f.name} has no help text"
+
+
+def test_unknown_key_is_named_with_valid_keys():
+    with pytest.raises(ConfigError, match=r"prepare\.sed: unknown key; valid keys are: .*seed"):
+        load_stage_config(PrepareConfig, "taosr1", "prepare", None, ["prepare.sed=1"])
+    with pytest.raises(ConfigError, match=r"sft\.lora\.rank: unknown key"):
+        build_config(Outer, "sft", {"lora": {"rank": 8}})
+
+
+def test_bad_value_names_the_field():
+    with pytest.raises(ConfigError, match=r"prepare\.seed: .*integer.*'abc'"):
+        load_stage_config(PrepareConfig, "taosr1", "prepare", None, ["prepare.seed=abc"])
+
+
+def test_bad_override_syntax_and_profile():
+    with pytest.raises(ConfigError, match="stage.field=value"):
+        parse_overrides(["learning_rate"])
+    with pytest.raises(ConfigError, match="unknown profile 'huge'"):
+        load_profile("huge")
+
+
+@pytest.mark.parametrize("profile", ["tiny", "cpu", "gpu"])
+def test_profiles_load_for_every_stage(profile):
+    for pipeline, stages in load_profile(profile).items():
+        assert pipeline in {"taosr1", "autofas"}
+        assert isinstance(stages, dict)
+    load_stage_config(PrepareConfig, "taosr1", "prepare", profile)

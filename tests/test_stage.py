@@ -1,0 +1,120 @@
+"""The stage contract (atomic, idempotent, resumable after SIGKILL) and its MLflow tracking."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipelines.data.prepare import run_prepare
+from pipelines.stage import file_digest, read_manifest, run_stage
+from pipelines.tracking import runs
+
+
+def _prepare(root, shared_data, **kw):
+    return run_prepare(dataset="crowdflower", path=shared_data / "crowdflower_search_relevance", run_key="k1",
+                       root=root, profile="tiny", overrides=["prepare.engine=pandas"], **kw)
+
+
+def test_second_run_is_a_noop_and_force_redoes(root, shared_data):
+    first = _prepare(root, shared_data)
+    assert not first.skipped
+    manifest = read_manifest(first.path)
+    assert manifest["inputs"]["source"]["digest"]
+    assert manifest["outputs"]["train.parquet"] == file_digest(first.path / "train.parquet")
+    assert manifest["packages"]["torch"] and manifest["git_commit"]
+    mtime = (first.path / "train.parquet").stat().st_mtime_ns
+
+    second = _prepare(root, shared_data)
+    assert second.skipped and second.manifest == manifest
+    assert (first.path / "train.parquet").stat().st_mtime_ns == mtime
+
+    forced = _prepare(root, shared_data, force=True)
+    assert not forced.skipped and forced.manifest["finished_at"] != manifest["finished_at"]
+    assert forced.manifest["outputs"] == manifest["outputs"]  # same config and data: same bytes
+
+
+def test_changed_config_or_tampered_output_reruns(root, shared_data):
+    first = _prepare(root, shared_data)
+    other = run_prepare(dataset="crowdflower", path=shared_data / "crowdflower_search_relevance", run_key="k1",
+                        root=root, profile="tiny", overrides=["prepare.engine=pandas", "prepare.seed=5"])
+    assert not other.skipped and other.manifest["config"]["seed"] == 5
+    (first.path / "val.parquet").write_bytes(b"corrupt")
+    assert not _prepare(root, shared_data).skipped
+
+
+def test_mlflow_parent_and_child_runs_with_dataset_digest(root, shared_data):
+    result = _prepare(root, shared_data)
+    client = MlflowClient(tracking_uri=runs.tracking_uri(root))
+    exp = client.get_experiment_by_name("searchrel-taosr1")
+    found = client.search_runs([exp.experiment_id], filter_string="tags.`searchrel.run_key` = 'k1'")
+    parent = [r for r in found if r.data.tags["searchrel.stage"] == "_parent"]
+    child = [r for r in found if r.data.tags["searchrel.stage"] == "prepare"]
+    assert len(parent) == 1 and len(child) == 1
+    assert parent[0].info.run_name == "k1"
+    assert child[0].data.tags["mlflow.parentRunId"] == parent[0].info.run_id
+    assert child[0].data.tags["git_commit"] and child[0].data.tags["version.mlflow"] == mlflow.__version__
+    assert child[0].info.run_id == result.manifest["mlflow_run_id"]
+    assert child[0].data.metrics["rows_read"] == 7999
+    inputs = {d.dataset.name: d.dataset.digest for d in child[0].inputs.dataset_inputs}
+    assert inputs["crowdflower-train"] == file_digest(result.path / "train.parquet")[:36]
+    # A forced rerun (as an Airflow retry would be) reuses the same child run.
+    _prepare(root, shared_data, force=True)
+    again = client.search_runs([exp.experiment_id], filter_string="tags.`searchrel.stage` = 'prepare'")
+    assert [r.info.run_id for r in again] == [child[0].info.run_id]
+
+
+KILLABLE = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from pipelines.stage import run_stage
+
+    def body(ctx):
+        (ctx.work_dir / "part-0.txt").write_text("half")
+        Path(sys.argv[2]).write_text("started")
+        if sys.argv[3] == "hang":
+            time.sleep(600)
+        (ctx.work_dir / "part-1.txt").write_text("rest")
+        return {"parts": 2}
+
+    run_stage(root=Path(sys.argv[1]), pipeline="p", run_key="r", stage="s", config={"n": 1}, inputs={},
+              body=body, tracking=False)
+""")
+
+
+def test_sigkill_mid_write_leaves_no_output_and_next_run_completes(tmp_path):
+    script = tmp_path / "killable.py"
+    script.write_text(KILLABLE)
+    flag = tmp_path / "started"
+    env = os.environ | {"PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), str(flag), "hang"], env=env)
+    deadline = time.time() + 60
+    while not flag.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert flag.exists(), "the stage never started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = tmp_path / "p" / "r" / "s"
+    assert not out.exists()
+    assert list((tmp_path / "p" / "r").glob(".tmp-s-*"))  # the half-written work is hidden, not published
+
+    subprocess.run([sys.executable, str(script), str(tmp_path), str(flag), "finish"], env=env, check=True)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "part-0.txt", "part-1.txt"]
+    assert not list((tmp_path / "p" / "r").glob(".tmp-s-*"))  # the stale temporary folder was cleaned up
+    assert read_manifest(out)["summary"] == {"parts": 2}
+
+
+def test_failing_stage_leaves_nothing(tmp_path):
+    def body(ctx):
+        (ctx.work_dir / "x").write_text("1")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run_stage(root=tmp_path, pipeline="p", run_key="r", stage="s", config={}, inputs={}, body=body,
+                  tracking=False)
+    assert list((tmp_path / "p" / "r").iterdir()) == []
