@@ -1,0 +1,126 @@
+"""Prefill-only scoring: one forward pass per prompt, the label distribution at the first response position.
+
+Because the response starts with the label (post-CoT), the level distribution is the softmax of the logits of
+the 4 label tokens at the last prompt position; no rationale is decoded. Prompts are left-padded so the last
+position is the same for every row of a batch and only that position's logits are computed
+(`logits_to_keep=1`); position ids follow the attention mask, so padding does not shift positions.
+Batches are grouped by length to keep padding small.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from pipelines.relevance.prompts import parse_label
+
+LEVELS = (1, 2, 3, 4)  # probability columns are ordered by level: column j is level j + 1
+
+
+def tokenize_prompts(tokenizer, prompts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids of each prompt; an overlong prompt keeps its end, where the answer position is."""
+    ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    return [seq[-max_length:] for seq in ids]
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first), each batch in index order."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [sorted(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids, mask, positions
+
+
+@torch.inference_mode()
+def first_token_probs(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    label_ids: dict[int, int],
+    *,
+    batch_size: int = 16,
+    max_length: int = 512,
+    progress: bool = False,
+) -> np.ndarray:
+    """Probabilities (n, 4) of levels 1..4 at the first response position, renormalised over the 4 labels."""
+    token_ids = tokenize_prompts(tokenizer, prompts, max_length)
+    label_index = torch.tensor([label_ids[level] for level in LEVELS])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    probs = np.zeros((len(prompts), 4), dtype=np.float64)
+    was_training = model.training
+    model.eval()
+    batches = length_batches([len(t) for t in token_ids], batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="scoring", unit="batch", mininterval=2.0)
+    for batch in batches:
+        input_ids, mask, positions = left_pad([token_ids[i] for i in batch], pad_id)
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1,
+                       use_cache=False).logits[:, -1, :]
+        probs[batch] = torch.softmax(logits[:, label_index].float(), dim=-1).numpy()
+    model.train(was_training)
+    return probs
+
+
+@torch.inference_mode()
+def generate_responses(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 96,
+    batch_size: int = 16,
+    max_length: int = 512,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    num_return_sequences: int = 1,
+    seed: int = 0,
+) -> list[list[str]]:
+    """Decode responses (greedy by default): the slow path that first-token scoring avoids."""
+    token_ids = tokenize_prompts(tokenizer, prompts, max_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out: list[list[str]] = [[] for _ in prompts]
+    was_training = model.training
+    model.eval()
+    torch.manual_seed(seed)
+    for batch in length_batches([len(t) for t in token_ids], batch_size):
+        input_ids, mask, _ = left_pad([token_ids[i] for i in batch], pad_id)
+        generated = model.generate(
+            input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature if do_sample else None, top_k=top_k if do_sample else None,
+            top_p=top_p if do_sample else None, num_return_sequences=num_return_sequences, pad_token_id=pad_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )[:, input_ids.shape[1]:]
+        texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+        for j, i in enumerate(batch):
+            out[i] = texts[j * num_return_sequences:(j + 1) * num_return_sequences]
+    model.train(was_training)
+    return out
+
+
+def probs_from_generations(responses: Sequence[str], style: str) -> tuple[np.ndarray, int]:
+    """One-hot level distributions read from decoded responses; malformed ones get a uniform row (counted)."""
+    probs = np.full((len(responses), 4), 0.25)
+    malformed = 0
+    for row, text in enumerate(responses):
+        level = parse_label(text, style)
+        if level is None:
+            malformed += 1
+            continue
+        probs[row] = 0.0
+        probs[row, level - 1] = 1.0
+    return probs, malformed
