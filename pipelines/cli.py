@@ -74,6 +74,74 @@ def prepare(
 
 
 @app.command()
+def run(
+    pipeline: Annotated[str, typer.Argument(help="taosr1 (autofas arrives with its pipeline).")],
+    run_key: Annotated[str, typer.Option(help="Names this pipeline run; reruns with the same key reuse work.")],
+    dataset: Annotated[str, typer.Option(help="Source dataset (see `searchrel prepare`).")] = "crowdflower",
+    path: Annotated[Path | None, typer.Option(help="The source file or folder (needed by prepare).")] = None,
+    stages: Annotated[str, typer.Option(help="Comma-separated stages, or all / main / ablation.")] = "main",
+    profile: ProfileOpt = "tiny",
+    set_: SetOpt = None,
+    root: RootOpt = None,
+    force: Annotated[bool, typer.Option(help="Redo stages even if their manifests match.")] = False,
+) -> None:
+    """Run pipeline stages in-process (no Airflow), in order, and print a summary per stage."""
+    from pipelines.config import ConfigError
+    from pipelines.data.relevance import DataError
+
+    if pipeline != "taosr1":
+        _fail(f"unknown pipeline {pipeline!r}; available: taosr1")
+    from pipelines.relevance.pipeline import RunSpec, run_taosr1
+
+    spec = RunSpec(run_key=run_key, root=(root or default_root()).resolve(), dataset=dataset,
+                   path=path.resolve() if path else None, profile=profile, overrides=set_ or [], force=force)
+    try:
+        results = run_taosr1(spec, [s.strip() for s in stages.split(",") if s.strip()])
+    except (ConfigError, DataError, ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    rows = [{"stage": name, "state": "reused" if r.skipped else "done", "output": str(r.path)}
+            for name, r in results.items()]
+    print_table(f"{pipeline} / {run_key}", rows)
+    from pipelines.relevance.report import ablation_rows
+
+    table = ablation_rows(spec.root, run_key)
+    if table:
+        print_table("test metrics", table)
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Option(help="A model folder, an sft stage folder, or models:/NAME@ALIAS.")],
+    dataset: Annotated[str, typer.Option(help="crowdflower, homedepot, esci or table.")],
+    path: Annotated[Path, typer.Option(help="The judgments file or folder.")],
+    split: Annotated[str, typer.Option(help="test, val, train (the seeded query split) or all.")] = "test",
+    profile: ProfileOpt = "tiny",
+    set_: SetOpt = None,
+) -> None:
+    """Score a trained model on any judgment file; print the metrics as JSON."""
+    from pipelines.relevance.evaluation import evaluate_model
+
+    try:
+        metrics = evaluate_model(model, dataset, path, split, profile, set_ or [])
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    typer.echo(dumps(metrics))
+
+
+@app.command()
+def report(
+    run_key: Annotated[str, typer.Option(help="The pipeline run to report on.")],
+    root: RootOpt = None,
+) -> None:
+    """Write the ablation table (Markdown, and an artifact of the run's MLflow parent run)."""
+    from pipelines.relevance.report import write_report
+
+    path, rows = write_report((root or default_root()).resolve(), run_key)
+    print_table(f"taosr1 / {run_key}: test metrics", rows)
+    typer.echo(f"report written to {path}")
+
+
+@app.command()
 def ui(
     root: RootOpt = None,
     host: Annotated[str, typer.Option(help="Bind address; loopback unless you mean to expose it.")] = "127.0.0.1",
