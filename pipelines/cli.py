@@ -106,7 +106,8 @@ def run(
 
     table = ablation_rows(spec.root, run_key)
     if table:
-        print_table("test metrics", table)
+        keep = ("model", "accuracy", "macro_f1", "qwk", "nDCG@10", "tier F1 CumPT")
+        print_table("test metrics (full table: searchrel report)", [{k: r[k] for k in keep} for r in table])
 
 
 @app.command()

@@ -151,3 +151,16 @@ def test_resume_exactly_at_an_epoch_boundary_trains_the_remaining_epochs(judgmen
     assert killed_at == steps_per_epoch
     assert resumed["resumed_from_step"] == steps_per_epoch
     assert resumed["total_steps"] == 2 * steps_per_epoch and resumed["epochs"] == 2.0
+
+
+def test_response_loss_equals_the_hf_loss_and_weights_the_label():
+    from pipelines.relevance.models import ModelConfig, load_model_and_tokenizer
+    from pipelines.relevance.sft import collate, response_loss
+
+    model, _ = load_model_and_tokenizer(ModelConfig(), ["red shoes for men", "blue lamp"])
+    ids = [[1, 5, 6, 7, 8, 9, 2], [1, 5, 6, 7, 2]]
+    batch = collate(ids, [3, 2], 0)
+    hf = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert float(response_loss(model, batch)) == pytest.approx(float(hf), abs=1e-5)
+    weighted = collate(ids, [3, 2], 0, label_pos=[3, 2], label_weight=[5.0, 5.0])
+    assert float(response_loss(model, weighted)) != pytest.approx(float(hf), abs=1e-4)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -103,7 +103,7 @@ def build_tiny_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """Train a deterministic byte-level BPE tokenizer on ``texts``.
 
-    Special tokens: ``<pad>`` (id 0), ``<bos>`` (1), ``<eos>`` (2). Every digit is split into its own
+    Special tokens: ``<pad>`` (id 0), ``<bos>`` (1), ``<eos>`` (2). Text is lower-cased. Every digit is split into its own
     pre-token before byte-level BPE, so the label digits "1".."4" are always single tokens (they are in the
     256-byte initial alphabet and no merge can involve them), whatever precedes them. No post-processor:
     nothing is added automatically; prompts carry their own BOS (see ``prompts.build_prompt``).
@@ -113,6 +113,8 @@ def build_tiny_tokenizer(
     if vocab_size < len(alphabet) + len(specials):
         raise ValueError(f"vocab_size must be >= {len(alphabet) + len(specials)} (256 bytes + specials)")
     tok = Tokenizer(models.BPE())
+    # Uncased: a model trained from scratch on a few thousand pairs cannot learn that "Shoe" and "shoe" match.
+    tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
     )

@@ -53,20 +53,24 @@ def _truncate(text: str, max_chars: int) -> str:
 
 
 def build_user_message(
-    query: str, title: str, description: str | None, max_description_chars: int = 300
+    query: str, title: str, description: str | None, max_description_chars: int = 300,
+    include_instruction: bool = True,
 ) -> str:
-    """The instruction plus the (query, product) fields, without any chat or response markers."""
-    desc = _truncate(_clean(description), max_description_chars)
-    return (
-        f"{INSTRUCTION}\n\n"
-        f"Query: {_clean(query)}\n"
-        f"Product title: {_clean(title)}\n"
-        f"Product description: {desc}"
-    )
+    """The instruction plus the (query, product) fields, without any chat or response markers.
+
+    ``include_instruction=False`` leaves out the level definitions: a model trained from scratch cannot read
+    them, and they triple its prompt length. ``max_description_chars=0`` leaves out the description line.
+    """
+    lines = [f"Query: {_clean(query)}", f"Product title: {_clean(title)}"]
+    if max_description_chars > 0:
+        lines.append(f"Product description: {_truncate(_clean(description), max_description_chars)}")
+    fields = "\n".join(lines)
+    return f"{INSTRUCTION}\n\n{fields}" if include_instruction else fields
 
 
 def build_prompt(
-    tokenizer, query: str, title: str, description: str | None, max_description_chars: int = 300
+    tokenizer, query: str, title: str, description: str | None, max_description_chars: int = 300,
+    include_instruction: bool = True,
 ) -> str:
     """Full prompt string ending exactly where the first response token (the label digit) goes.
 
@@ -75,7 +79,7 @@ def build_prompt(
     The description is whitespace-normalised and cut to ``max_description_chars`` characters (plus "...").
     Tokenize the result with ``add_special_tokens=False``.
     """
-    content = build_user_message(query, title, description, max_description_chars)
+    content = build_user_message(query, title, description, max_description_chars, include_instruction)
     if getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True

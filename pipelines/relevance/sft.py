@@ -36,6 +36,12 @@ from pipelines.relevance.models import ModelConfig
 log = logging.getLogger(__name__)
 
 CHECKPOINT_MARKER = "latest_complete.json"
+MODEL_CARD = "searchrel.json"  # beside the weights: how to build prompts for this model and read its label
+
+
+def prompt_settings(config) -> dict[str, Any]:
+    return {"response_style": config.response_style, "max_description_chars": config.max_description_chars,
+            "include_instruction": config.include_instruction}
 
 
 @dataclass
@@ -63,6 +69,9 @@ class SFTConfig:
     )
     max_length: int = field(default=384, metadata={"help": "Maximum tokens of prompt + response."})
     max_description_chars: int = field(default=300, metadata={"help": "Description characters in the prompt."})
+    include_instruction: bool = field(
+        default=True, metadata={"help": "Put the level definitions in the prompt (off for models from scratch)."}
+    )
     max_train_examples: int = field(default=0, metadata={"help": "Seeded subsample of training pairs; 0 = all."})
     max_val_examples: int = field(default=256, metadata={"help": "Validation pairs scored during training."})
     epochs: int = field(default=1, metadata={"help": "Passes over the training pairs."})
@@ -72,6 +81,16 @@ class SFTConfig:
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate (AdamW)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     warmup_ratio: float = field(default=0.05, metadata={"help": "Share of steps with linear warm-up."})
+    label_loss_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the label token in the token-mean loss (1 = plain next-token CE, as in the "
+                  "paper). The label is 1 of ~80 response tokens; small models learn it faster with more weight."},
+    )
+    balance_label_classes: bool = field(
+        default=False,
+        metadata={"help": "Scale each label token's weight by n / (4 * n_level) of the training pairs, so rare "
+                  "levels count as much as common ones (macro-F1 rewards that)."},
+    )
     lr_schedule: str = field(default="cosine", metadata={"help": "Decay after warm-up: cosine, linear or constant."})
     gradient_clipping: float = field(default=1.0, metadata={"help": "Global gradient-norm clip (0 = off)."})
     zero_stage: int = field(default=2, metadata={"help": "DeepSpeed ZeRO stage, 0-3."})
@@ -94,7 +113,7 @@ def build_examples(rows: pd.DataFrame, tokenizer, config: SFTConfig) -> pd.DataF
     """Prompt and response text per pair; `rows` needs the judgment columns and a `rationale` column."""
     from pipelines.relevance.prompts import build_prompt, format_response
 
-    prompts = [build_prompt(tokenizer, q, t, d, config.max_description_chars)
+    prompts = [build_prompt(tokenizer, q, t, d, config.max_description_chars, config.include_instruction)
                for q, t, d in zip(rows["query"], rows["title"], rows["description"], strict=True)]
     rationales = rows["rationale"] if "rationale" in rows else [""] * len(rows)
     responses = [format_response(int(level), r, config.response_style)
@@ -106,7 +125,7 @@ def tokenize_examples(examples: pd.DataFrame, tokenizer, config: SFTConfig) -> p
     """input_ids and the index where the response starts (loss is computed from there on)."""
     prompt_ids = tokenizer(list(examples["prompt"]), add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(list(examples["response"]), add_special_tokens=False)["input_ids"]
-    ids, starts = [], []
+    ids, starts, label_pos = [], [], []
     for p, r in zip(prompt_ids, response_ids, strict=True):
         r = r + [tokenizer.eos_token_id]
         room = config.max_length - len(p)
@@ -118,7 +137,10 @@ def tokenize_examples(examples: pd.DataFrame, tokenizer, config: SFTConfig) -> p
             r = r[-room:] if config.response_style == "pre_cot" else r[:room]
         ids.append(p + r)
         starts.append(len(p))
-    return pa.table({"input_ids": ids, "response_start": starts, "label": examples["label"].to_numpy()})
+        # pre-CoT ends "... Label: d" + EOS; the others start with the label digit.
+        label_pos.append(len(p) + len(r) - 2 if config.response_style == "pre_cot" else len(p))
+    return pa.table({"input_ids": ids, "response_start": starts, "label_pos": label_pos,
+                     "label": examples["label"].to_numpy()})
 
 
 def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, window: int) -> list[np.ndarray]:
@@ -134,17 +156,58 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, w
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def collate(input_ids: list[list[int]], starts: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+def label_weights(labels: np.ndarray, config: SFTConfig) -> np.ndarray:
+    """Loss weight of each pair's label token: `label_loss_weight`, times inverse level frequency if balanced."""
+    weights = np.full(len(labels), config.label_loss_weight, dtype=np.float64)
+    if config.balance_label_classes:
+        levels, counts = np.unique(labels, return_counts=True)
+        scale = {lvl: len(labels) / (len(levels) * n) for lvl, n in zip(levels, counts, strict=True)}
+        weights *= np.array([scale[lvl] for lvl in labels])
+    return weights
+
+
+def collate(input_ids: list[list[int]], starts: list[int], pad_id: int,
+            label_pos: list[int] | None = None, label_weight=None) -> dict[str, torch.Tensor]:
+    """Right-padded batch; `labels` is -100 outside the response, `weights` up-weights the label token."""
     width = max(len(s) for s in input_ids)
     ids = torch.full((len(input_ids), width), pad_id, dtype=torch.long)
     labels = torch.full((len(input_ids), width), -100, dtype=torch.long)
     mask = torch.zeros((len(input_ids), width), dtype=torch.long)
+    weights = torch.zeros((len(input_ids), width), dtype=torch.float32)
     for row, (seq, start) in enumerate(zip(input_ids, starts, strict=True)):
         t = torch.tensor(seq, dtype=torch.long)
         ids[row, :len(seq)] = t
         mask[row, :len(seq)] = 1
         labels[row, start:len(seq)] = t[start:]  # loss on the response only (EOS included, padding excluded)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        weights[row, start:len(seq)] = 1.0
+        if label_pos is not None and label_weight is not None:
+            weights[row, label_pos[row]] = float(label_weight[row])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "weights": weights}
+
+
+def causal_lm_parts(model):
+    """(decoder, lm_head) of a causal LM, through a DeepSpeed engine and a peft wrapper if present."""
+    module = getattr(model, "module", model)  # DeepSpeed engine -> the wrapped module
+    if hasattr(module, "get_base_model"):  # peft
+        module = module.get_base_model()
+    return module.model, module.lm_head
+
+
+def response_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Weighted token-mean cross-entropy over response tokens (equals the HF loss when all weights are 1).
+
+    The output layer runs only at response positions: the prompt is most of each sequence, and on a
+    49k-token vocabulary its logits would cost a fifth of the model's FLOPs and most of its activation memory.
+    """
+    decoder, lm_head = causal_lm_parts(model)
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     use_cache=False).last_hidden_state
+    weights = batch["weights"][:, 1:]
+    keep = weights > 0
+    logits = lm_head(hidden[:, :-1][keep])
+    ce = torch.nn.functional.cross_entropy(logits.float(), batch["labels"][:, 1:][keep], reduction="none")
+    w = weights[keep]
+    return (ce * w).sum() / w.sum().clamp(min=1.0)
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
@@ -178,6 +241,20 @@ def deepspeed_config(config: SFTConfig, world_size: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ the worker
+
+
+def build_engine(model, config: SFTConfig, total_steps: int, world: int):
+    """A DeepSpeed engine around `model` with a torch AdamW client optimizer (no JIT-built ops) and the
+    warm-up/decay schedule; returns (engine, scheduler, trainable parameters)."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total_steps, config.warmup_ratio, config.lr_schedule))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(config, world), dist_init_required=False)
+    return engine, scheduler, params
 
 
 def _rng_state() -> dict[str, Any]:
@@ -234,18 +311,14 @@ def train_loop(cfg: dict[str, Any]) -> None:
                                                  target_modules=list(config.lora.target_modules)))
     train = pq.read_table(paths["train"]).to_pydict()
     lengths = np.array([len(s) for s in train["input_ids"]])
+    label_weight = label_weights(np.array(train["label"]), config)
     per_step = config.micro_batch_size * world
     batches_per_epoch = [b for b in epoch_batches(lengths, per_step, config.seed, 0, config.bucket_window)]
     micro_per_epoch = len(batches_per_epoch)
     steps_per_epoch = max(1, micro_per_epoch // config.gradient_accumulation_steps)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total_steps, config.warmup_ratio, config.lr_schedule))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(config, world), dist_init_required=False)
+    engine, scheduler, params = build_engine(model, config, total_steps, world)
 
     # Resume: the marker names the last checkpoint that every rank finished writing.
     step, resumed_from = 0, 0
@@ -273,8 +346,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
         for indices in micro:
             mine = indices[rank::world]
             batch = collate([train["input_ids"][i] for i in mine], [train["response_start"][i] for i in mine],
-                            pad_id)
-            loss = engine(**batch, use_cache=False).loss
+                            pad_id, [train["label_pos"][i] for i in mine], label_weight[mine])
+            loss = response_loss(engine, batch)
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
@@ -445,6 +518,7 @@ def run_sft(
                              failure_config=FailureConfig(max_failures=0)),
     )
     trainer.fit()
+    (out_dir / "model" / MODEL_CARD).write_text(json.dumps(prompt_settings(config) | {"label_ids": label_ids}))
     summary = json.loads((out_dir / "train_summary.json").read_text())
     summary["label_ids"] = {str(k): v for k, v in label_ids.items()}
     summary["train_examples"] = len(train_rows)

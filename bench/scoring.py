@@ -1,0 +1,65 @@
+"""Scoring throughput: first-token (prefill-only) scoring against decoding the full rationale, same run.
+
+Both paths score the same CrowdFlower pairs with the same model, batch size and length-grouped batches. The
+decoding path generates the post-CoT response (label + rationale) greedily with `min_new_tokens` forced to
+the rationale length, as serving a CoT model that writes its reasoning would. Pairs per second, median of
+`--repeats` alternating runs.
+
+    .venv/bin/python bench/scoring.py --model tiny
+    .venv/bin/python bench/scoring.py --model smollm2-135m --pairs 64 --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from pipelines.env import apply_defaults
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", help="tiny, smollm2-135m or a model folder")
+    parser.add_argument("--pairs", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--rationale-tokens", type=int, default=80,
+                        help="tokens decoded per pair (the rule-base rationales average about 80 SmolLM2 tokens)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    apply_defaults()
+    import torch
+
+    from bench.sft import load_pairs
+    from pipelines.relevance.models import ModelConfig, label_token_ids, load_model_and_tokenizer
+    from pipelines.relevance.prompts import build_prompt
+    from pipelines.relevance.scoring import first_token_probs, generate_responses
+
+    rows = load_pairs(args.pairs)
+    model, tok = load_model_and_tokenizer(ModelConfig(name=args.model, dtype=args.dtype),
+                                          list(rows["query"]) + list(rows["title"]) + list(rows["rationale"]))
+    prompts = [build_prompt(tok, q, t, d) for q, t, d in zip(rows["query"], rows["title"], rows["description"],
+                                                             strict=True)]
+    label_ids = label_token_ids(tok, prompts[0])
+    model.generation_config.min_new_tokens = args.rationale_tokens
+    timings: dict[str, list[float]] = {"first-token": [], "decode rationale": []}
+    first_token_probs(model, tok, prompts[: args.batch], label_ids, batch_size=args.batch)  # warm-up
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        first_token_probs(model, tok, prompts, label_ids, batch_size=args.batch)
+        timings["first-token"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        generate_responses(model, tok, prompts, max_new_tokens=args.rationale_tokens, batch_size=args.batch)
+        timings["decode rationale"].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in timings.items()}
+    print(f"\nscoring {args.pairs} CrowdFlower pairs, {args.model} ({args.dtype}), batch {args.batch}, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+    print(f"{'path':<18} {'seconds':>8} {'pairs/s':>9}")
+    for name, sec in med.items():
+        print(f"{name:<18} {sec:>8.2f} {args.pairs / sec:>9.1f}")
+    print(f"first-token / decode speed-up: {med['decode rationale'] / med['first-token']:.1f}x (target >= 20x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""The TaoSR1 pipeline: its stages in order, each a `run_stage` call whose inputs are earlier stages' outputs.
+
+    prepare -> rationales -> baselines -> sft -> evaluate   (+ the ablation: no-CoT and pre-CoT SFT)
+
+`run_taosr1` runs a chosen list of stages in-process (the CLI's `searchrel run taosr1`); the Airflow DAG runs
+the same stage functions one per Ray job through `python -m ray_jobs.<stage>`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipelines.config import check_override_stages, load_stage_config
+from pipelines.stage import StageContext, StageResult, config_digest, run_stage
+
+PIPELINE = "taosr1"
+STAGES = ("prepare", "rationales", "baselines", "sft", "evaluate")
+ABLATION = ("sft_no_cot", "evaluate_no_cot", "sft_pre_cot", "evaluate_pre_cot")
+ALL_STAGES = STAGES + ABLATION
+VARIANT_STYLE = {"": "post_cot", "_no_cot": "no_cot", "_pre_cot": "pre_cot"}
+
+
+@dataclass
+class EvaluateConfig:
+    """Settings of the `evaluate` stage (prefill-only first-token scoring, CumPT)."""
+
+    batch_size: int = field(default=16, metadata={"help": "Prompts per forward pass."})
+    dtype: str = field(default="float32", metadata={"help": "Scoring dtype: float32 or bfloat16 (faster on CPUs "
+                                                              "with AMX; check accuracy holds)."})
+    max_length: int = field(default=512, metadata={"help": "Longest prompt in tokens (longer keep their end)."})
+    max_examples: int = field(default=0, metadata={"help": "Seeded subsample of val and test pairs; 0 = all."})
+    max_new_tokens: int = field(default=96, metadata={"help": "pre-CoT only: tokens decoded to reach the label."})
+    ndcg_k: int = field(default=10, metadata={"help": "Cut-off of the per-query nDCG."})
+    seed: int = field(default=0, metadata={"help": "Seed of the subsample."})
+
+
+@dataclass
+class RunSpec:
+    """What a pipeline run works on: the caller's run key, the source data, the profile and overrides."""
+
+    run_key: str
+    root: Path
+    dataset: str = "crowdflower"
+    path: Path | None = None
+    profile: str = "tiny"
+    overrides: list[str] = field(default_factory=list)
+    force: bool = False
+
+
+def _variant(stage: str) -> str:
+    for suffix in ("_no_cot", "_pre_cot"):
+        if stage.endswith(suffix):
+            return suffix
+    return ""
+
+
+def stage_config(stage: str, spec: RunSpec):
+    """The typed config of a stage; ablation stages reuse the `sft`/`evaluate` sections with their style."""
+    from pipelines.data.prepare import prepare_config
+    from pipelines.relevance.sft import SFTConfig
+
+    base = stage.removesuffix(_variant(stage))
+    if base == "prepare":
+        return prepare_config(spec.dataset, spec.profile, spec.overrides)
+    if base == "rationales":
+        from pipelines.relevance.rationales import RationaleConfig
+
+        return load_stage_config(RationaleConfig, PIPELINE, "rationales", spec.profile, spec.overrides)
+    if base == "baselines":
+        from pipelines.relevance.baselines import BaselinesConfig
+
+        return load_stage_config(BaselinesConfig, PIPELINE, "baselines", spec.profile, spec.overrides)
+    if base == "sft":
+        cfg = load_stage_config(SFTConfig, PIPELINE, "sft", spec.profile, spec.overrides)
+        return replace(cfg, response_style=VARIANT_STYLE[_variant(stage)]) if _variant(stage) else cfg
+    if base == "evaluate":
+        return load_stage_config(EvaluateConfig, PIPELINE, "evaluate", spec.profile, spec.overrides)
+    raise ValueError(f"unknown taosr1 stage {stage!r}; stages are: {', '.join(ALL_STAGES)}")
+
+
+def _read_splits(folder: Path) -> dict[str, pd.DataFrame]:
+    from pipelines.data.relevance import read_split
+
+    return {s: read_split(folder, s) for s in ("train", "val", "test")}
+
+
+def _stage(spec: RunSpec, stage: str, inputs: dict[str, Path], body) -> StageResult:
+    return run_stage(root=spec.root, pipeline=PIPELINE, run_key=spec.run_key, stage=stage,
+                     config=stage_config(stage, spec), inputs=inputs, body=body, force=spec.force)
+
+
+def _dir(spec: RunSpec, stage: str) -> Path:
+    from pipelines.stage import stage_dir
+
+    path = stage_dir(spec.root, PIPELINE, spec.run_key, stage)
+    if not (path / "manifest.json").exists():
+        raise FileNotFoundError(f"stage {stage!r} of run {spec.run_key!r} has not run yet ({path} is missing); "
+                                f"run it first: searchrel run taosr1 --run-key {spec.run_key} --stages {stage}")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------- the stages
+
+
+def prepare(spec: RunSpec) -> StageResult:
+    from pipelines.data.prepare import run_prepare
+
+    if spec.path is None:
+        raise ValueError("prepare needs --path to the judgments")
+    return run_prepare(dataset=spec.dataset, path=spec.path, run_key=spec.run_key, root=spec.root,
+                       profile=spec.profile, overrides=spec.overrides, force=spec.force)
+
+
+def rationales(spec: RunSpec) -> StageResult:
+    from pipelines.relevance.rationales import generate_rationales
+
+    def body(ctx: StageContext) -> dict[str, Any]:
+        train = _read_splits(ctx.inputs["prepare"])["train"]
+        with_rationales, summary = generate_rationales(train, ctx.config)
+        with_rationales.to_parquet(ctx.work_dir / "train.parquet", index=False)
+        return summary
+
+    return _stage(spec, "rationales", {"prepare": _dir(spec, "prepare")}, body)
+
+
+def baselines(spec: RunSpec) -> StageResult:
+    from pipelines.relevance.baselines import run_baselines
+
+    def body(ctx: StageContext) -> dict[str, Any]:
+        splits = _read_splits(ctx.inputs["prepare"])
+        results = run_baselines(splits["train"], splits["val"], splits["test"], ctx.config)
+        summary = {}
+        for name, result in results.items():
+            metrics = _evaluate_and_log(ctx, name, splits, result["val_probs"], result["test_probs"])
+            summary[name] = {"test": metrics["test"], "seconds": result["seconds"]}
+        return summary
+
+    return _stage(spec, "baselines", {"prepare": _dir(spec, "prepare")}, body)
+
+
+def sft(spec: RunSpec, stage: str = "sft") -> StageResult:
+    from pipelines.relevance.sft import run_sft
+
+    def body(ctx: StageContext) -> dict[str, Any]:
+        from pipelines.tracking.runs import tracking_uri
+
+        train = pd.read_parquet(ctx.inputs["rationales"] / "train.parquet")
+        val = _read_splits(ctx.inputs["prepare"])["val"]
+        mlflow_run = {"tracking_uri": tracking_uri(ctx.root), "run_id": ctx.mlflow_run_id}
+        return run_sft(train, val, ctx.config, ctx.work_dir, ctx.checkpoint_dir, config_digest(ctx.config),
+                       mlflow_run)
+
+    return _stage(spec, stage, {"prepare": _dir(spec, "prepare"), "rationales": _dir(spec, "rationales")}, body)
+
+
+def evaluate(spec: RunSpec, stage: str = "evaluate") -> StageResult:
+    sft_stage = "sft" + _variant(stage)
+    style = VARIANT_STYLE[_variant(stage)]
+
+    def body(ctx: StageContext) -> dict[str, Any]:
+        splits = _read_splits(ctx.inputs["prepare"])
+        cfg: EvaluateConfig = ctx.config
+        if cfg.max_examples:
+            splits = {k: v.sample(n=min(len(v), cfg.max_examples), random_state=cfg.seed).sort_index()
+                      for k, v in splits.items()}
+        probs = score_model(ctx.inputs["model"] / "model", {s: splits[s] for s in ("val", "test")}, style, cfg)
+        metrics = _evaluate_and_log(ctx, f"sft_{style}", splits, probs["val"], probs["test"])
+        for split in ("val", "test"):
+            frame = splits[split][["query_id", "item_id", "label"]].copy()
+            frame[["p1", "p2", "p3", "p4"]] = probs[split]
+            frame.to_parquet(ctx.work_dir / f"{split}_predictions.parquet", index=False)
+        (ctx.work_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        return {"test": metrics["test"], "tiers": metrics.get("tiers", {}), "style": style,
+                "malformed": probs.get("malformed", 0)}
+
+    return _stage(spec, stage, {"prepare": _dir(spec, "prepare"), "model": _dir(spec, sft_stage)}, body)
+
+
+def score_model(model_dir: Path, splits: dict[str, pd.DataFrame], style: str | None, cfg: EvaluateConfig) -> dict:
+    """Level probabilities per split: first-token scoring, or decoding for pre-CoT (its label comes last).
+
+    The prompt settings the model was trained with come from its `searchrel.json`; `style=None` takes the
+    response style from there too.
+    """
+    from pipelines.relevance.models import label_token_ids, load_model
+    from pipelines.relevance.prompts import build_prompt
+    from pipelines.relevance.scoring import first_token_probs, generate_responses, probs_from_generations
+    from pipelines.relevance.sft import MODEL_CARD
+
+    card_path = Path(model_dir) / MODEL_CARD
+    card = json.loads(card_path.read_text()) if card_path.exists() else {}
+    style = style or card.get("response_style", "post_cot")
+    model, tokenizer = load_model(model_dir, cfg.dtype)
+
+    def prompt(q: str, t: str, d: str) -> str:
+        return build_prompt(tokenizer, q, t, d, card.get("max_description_chars", 300),
+                            card.get("include_instruction", True))
+
+    label_ids = label_token_ids(tokenizer, prompt("q", "t", "d"))
+    out: dict[str, Any] = {"malformed": 0}
+    for split, rows in splits.items():
+        prompts = [prompt(q, t, d) for q, t, d in zip(rows["query"], rows["title"], rows["description"],
+                                                      strict=True)]
+        if style == "pre_cot":
+            texts = [r[0] for r in generate_responses(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                                                      batch_size=cfg.batch_size, max_length=cfg.max_length)]
+            out[split], malformed = probs_from_generations(texts, style)
+            out["malformed"] += malformed
+        else:
+            out[split] = first_token_probs(model, tokenizer, prompts, label_ids, batch_size=cfg.batch_size,
+                                           max_length=cfg.max_length, progress=True)
+    return out
+
+
+def _evaluate_and_log(ctx: StageContext, name: str, splits, val_probs, test_probs) -> dict[str, Any]:
+    """Metrics for val and test, CumPT tuned on val, and a confusion-matrix plot, logged to the stage run."""
+    import mlflow
+
+    from pipelines.relevance.metrics import confusion_figure, evaluate_probs
+    from pipelines.tracking.runs import log_figure
+
+    val, test = splits["val"], splits["test"]
+    metrics = {
+        "val": evaluate_probs(val, val_probs),
+        "test": evaluate_probs(test, test_probs, probs_val=val_probs, y_val=val["label"].to_numpy()),
+    }
+    metrics["tiers"] = metrics["test"].pop("tiers", {})
+    flat = {f"{name}.{split}.{k}": v for split in ("val", "test") for k, v in metrics[split].items()
+            if isinstance(v, int | float)}
+    mlflow.log_metrics(flat)
+    log_figure(confusion_figure(metrics["test"]["confusion"], f"{name} (test)"), f"{name}_confusion_test.png")
+    mlflow.log_dict(metrics, f"{name}_metrics.json")
+    return metrics
+
+
+STAGE_FUNCTIONS = {
+    "prepare": prepare, "rationales": rationales, "baselines": baselines, "sft": sft, "evaluate": evaluate,
+    "sft_no_cot": lambda spec: sft(spec, "sft_no_cot"), "sft_pre_cot": lambda spec: sft(spec, "sft_pre_cot"),
+    "evaluate_no_cot": lambda spec: evaluate(spec, "evaluate_no_cot"),
+    "evaluate_pre_cot": lambda spec: evaluate(spec, "evaluate_pre_cot"),
+}
+
+
+def resolve_stages(names: list[str] | None) -> list[str]:
+    """Stage names in pipeline order; `ablation` expands to the no-CoT and pre-CoT stages, `all` to everything."""
+    if not names:
+        return list(STAGES)
+    wanted: list[str] = []
+    for name in names:
+        expanded = {"all": ALL_STAGES, "ablation": ABLATION, "main": STAGES}.get(name, (name,))
+        for stage in expanded:
+            if stage not in STAGE_FUNCTIONS:
+                raise ValueError(f"unknown stage {stage!r}; stages are: {', '.join(ALL_STAGES)} (or all, ablation)")
+            wanted.append(stage)
+    return [s for s in ALL_STAGES if s in wanted]
+
+
+def run_taosr1(spec: RunSpec, stages: list[str] | None = None) -> dict[str, StageResult]:
+    check_override_stages(spec.overrides, {"prepare", "rationales", "baselines", "sft", "evaluate"})
+    results = {}
+    for stage in resolve_stages(stages):
+        results[stage] = STAGE_FUNCTIONS[stage](spec)
+    return results

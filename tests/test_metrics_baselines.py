@@ -1,0 +1,286 @@
+"""Tests for pipelines.relevance.metrics (hand-computable cases) and pipelines.relevance.baselines (real
+CrowdFlower data; the cross-encoder fine-tuning is marked slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines.data.relevance import PrepareConfig, prepare_relevance, read_split
+from pipelines.relevance.baselines import (
+    BaselinesConfig,
+    CrossEncoderBaseline,
+    CrossEncoderConfig,
+    LexicalBaseline,
+    LexicalConfig,
+    MajorityBaseline,
+    run_baselines,
+)
+from pipelines.relevance.metrics import (
+    apply_tier_thresholds,
+    argmax_tiers,
+    classification_metrics,
+    confusion_figure,
+    cumpt_levels,
+    cumpt_tiers,
+    evaluate_probs,
+    expected_relevance,
+    levels_to_tiers,
+    ndcg_at_k,
+    tier_macro_f1,
+    tier_report,
+    tune_cumpt_beta,
+    tune_tier_thresholds,
+)
+
+
+def one_hot(levels) -> np.ndarray:
+    levels = np.asarray(levels)
+    probs = np.zeros((len(levels), 4))
+    probs[np.arange(len(levels)), levels - 1] = 1.0
+    return probs
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def test_perfect_predictions_score_one():
+    y = np.array([1, 2, 3, 4, 4, 3, 2, 1, 4])
+    m = classification_metrics(y, one_hot(y))
+    assert m["n"] == 9
+    assert m["accuracy"] == m["macro_f1"] == m["qwk"] == 1.0
+    assert m["f1_per_level"] == {"1": 1.0, "2": 1.0, "3": 1.0, "4": 1.0}
+    assert m["confusion"] == np.diag([2, 2, 2, 3]).tolist()
+
+
+def test_known_confusion_matrix():
+    y_true = np.array([1, 1, 2, 3, 4, 4])
+    y_pred = np.array([1, 2, 2, 4, 4, 4])
+    m = classification_metrics(y_true, one_hot(y_pred))
+    assert m["confusion"] == [[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1], [0, 0, 0, 2]]
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    # F1: level 1 = 2/3 (P 1, R 1/2), level 2 = 2/3 (P 1/2, R 1), level 3 = 0, level 4 = 0.8 (P 2/3, R 1)
+    assert m["f1_per_level"] == pytest.approx({"1": 2 / 3, "2": 2 / 3, "3": 0.0, "4": 0.8})
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 0.8) / 4)
+    assert -1.0 <= m["qwk"] < 1.0
+    json.dumps(m)  # plain types only
+
+
+def test_qwk_penalises_far_errors_more():
+    y = np.array([1, 2, 3, 4] * 5)
+    near = classification_metrics(y, one_hot(np.clip(y + 1, 1, 4)))["qwk"]
+    far = classification_metrics(y, one_hot(5 - y))["qwk"]
+    assert far < near
+
+
+def test_probs_shape_checked():
+    with pytest.raises(ValueError, match=r"\(n, 4\)"):
+        classification_metrics(np.array([1, 2]), np.ones((2, 3)))
+
+
+def test_expected_relevance():
+    probs = np.array([[0.1, 0.2, 0.3, 0.4], [1.0, 0, 0, 0], [0, 0, 0, 1.0]])
+    assert expected_relevance(probs) == pytest.approx([3.0, 1.0, 4.0])
+
+
+def test_ndcg_perfect_and_reversed():
+    qids = np.array(["a"] * 4 + ["b"] * 3)
+    y = np.array([4, 3, 2, 1, 4, 2, 1])
+    assert ndcg_at_k(qids, y, y.astype(float)) == pytest.approx(1.0)
+    reversed_ = ndcg_at_k(qids, y, -y.astype(float))
+    assert reversed_ < 1.0
+    # gains are level - 1, so reversed query "a" has DCG 1/log2(3) + 2/log2(4) + 3/log2(5)
+    dcg_a = 1 / np.log2(3) + 2 / np.log2(4) + 3 / np.log2(5)
+    idcg_a = 3 + 2 / np.log2(3) + 1 / np.log2(4)
+    dcg_b = 1 / np.log2(3) + 3 / np.log2(4)
+    idcg_b = 3 + 1 / np.log2(3)
+    assert reversed_ == pytest.approx((dcg_a / idcg_a + dcg_b / idcg_b) / 2)
+
+
+def test_ndcg_skips_single_item_and_all_irrelevant_queries():
+    qids = np.array(["a", "a", "single", "zero", "zero"])
+    y = np.array([4, 1, 1, 1, 1])
+    scores = np.array([1.0, 0.0, 5.0, 0.0, 1.0])
+    assert ndcg_at_k(qids, y, scores) == pytest.approx(1.0)  # only "a" counts
+    assert np.isnan(ndcg_at_k(qids[2:], y[2:], scores[2:]))
+
+
+def test_cumpt_paper_example():
+    probs = np.array([[0.1, 0.2, 0.3, 0.4]])  # p1..p4; cumulative from level 4: 0.4, 0.7, 0.9, 1.0
+    assert cumpt_levels(probs, 0.5).tolist() == [3]
+    assert cumpt_tiers(probs, 0.5).tolist() == [3]  # Related -> Good
+    assert cumpt_levels(probs, 0.3).tolist() == [4]
+    assert cumpt_levels(probs, 0.8).tolist() == [2]
+    assert cumpt_tiers(probs, 0.8).tolist() == [2]
+    assert cumpt_levels(probs, 0.95).tolist() == [1]
+    assert cumpt_levels(probs, 0.999).tolist() == [1]
+    assert cumpt_levels(probs, 1.0).tolist() == [1]  # fallback when rounding leaves the total under beta
+    assert cumpt_tiers(probs, 0.999).tolist() == [1]
+
+
+def test_levels_to_tiers_and_thresholds():
+    assert levels_to_tiers(np.array([1, 2, 3, 4])).tolist() == [1, 2, 3, 3]
+    probs = np.array([[0.1, 0.2, 0.3, 0.4], [0.6, 0.3, 0.05, 0.05], [0.2, 0.5, 0.2, 0.1]])
+    assert apply_tier_thresholds(probs, 0.6, 0.5).tolist() == [3, 1, 2]
+    assert argmax_tiers(probs).tolist() == [3, 1, 2]
+
+
+def _synthetic_val(seed: int = 0, n: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy, biased-towards-level-4 probabilities, so tuning has something to fix."""
+    rng = np.random.default_rng(seed)
+    y = rng.choice([1, 2, 3, 4], size=n, p=[0.15, 0.3, 0.1, 0.45])
+    logits = rng.normal(size=(n, 4)) + 1.2 * one_hot(y) + np.array([0, 0, 0.3, 0.8])
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return probs, y
+
+
+def test_tuned_beta_not_worse_than_argmax_on_val():
+    probs, y = _synthetic_val()
+    beta, score = tune_cumpt_beta(probs, y)
+    assert 0.05 <= beta <= 0.95
+    assert score == pytest.approx(tier_macro_f1(y, cumpt_tiers(probs, beta)))
+    assert score >= tier_macro_f1(y, argmax_tiers(probs))
+    t_good, t_bad, thr_score = tune_tier_thresholds(probs, y)
+    assert thr_score == pytest.approx(tier_macro_f1(y, apply_tier_thresholds(probs, t_good, t_bad)))
+
+
+def test_tier_report_and_evaluate_probs():
+    probs_val, y_val = _synthetic_val(0)
+    probs_test, y_test = _synthetic_val(1)
+    report = tier_report(probs_val, y_val, probs_test, y_test)
+    assert {"cumpt", "thresholds", "argmax", "cumpt_beta_0.5"} <= set(report)
+    assert report["cumpt"]["test_macro_f1"] == pytest.approx(
+        tier_macro_f1(y_test, cumpt_tiers(probs_test, report["cumpt"]["beta"]))
+    )
+    df = pd.DataFrame({"query_id": np.arange(len(y_test)) // 8, "label": y_test})
+    full = evaluate_probs(df, probs_test, probs_val, y_val)
+    assert full["tiers"] == report
+    assert 0.0 < full["ndcg_at_10"] <= 1.0
+    json.dumps(full)
+    assert "tiers" not in evaluate_probs(df, probs_test)
+
+
+def test_confusion_figure(tmp_path: Path):
+    fig = confusion_figure([[5, 1, 0, 0], [2, 3, 1, 0], [0, 0, 0, 0], [0, 1, 2, 9]], "test")
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "predicted level" and ax.get_ylabel() == "true level"
+    assert [t.get_text() for t in ax.get_yticklabels()][0] == "1 Irrelevant"
+    assert sorted(t.get_text() for t in ax.texts)[:3] == ["0", "0", "0"]
+    fig.savefig(tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+# -------------------------------------------------------------------------------------------- baselines
+
+
+@pytest.fixture(scope="module")
+def crowdflower(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, pd.DataFrame]:
+    out = tmp_path_factory.mktemp("crowdflower")
+    source = shared_data / "crowdflower_search_relevance"
+    prepare_relevance("crowdflower", source, out, PrepareConfig(engine="pandas"))
+    return {split: read_split(out, split) for split in ("train", "val", "test")}
+
+
+def _macro_f1(df: pd.DataFrame, probs: np.ndarray) -> float:
+    return classification_metrics(df["label"].to_numpy(), probs)["macro_f1"]
+
+
+def test_majority_baseline(crowdflower):
+    train, test = crowdflower["train"], crowdflower["test"]
+    model = MajorityBaseline().fit(train)
+    assert model.level_ == int(train["label"].mode().iloc[0])
+    probs = model.predict_proba(test)
+    assert probs.shape == (len(test), 4)
+    assert (probs.sum(axis=1) == 1).all() and (probs.argmax(axis=1) == model.level_ - 1).all()
+
+
+def test_lexical_beats_majority_on_test(crowdflower):
+    train, val, test = crowdflower["train"], crowdflower["val"], crowdflower["test"]
+    majority = _macro_f1(test, MajorityBaseline().fit(train).predict_proba(test))
+    model = LexicalBaseline().fit(train, val)
+    assert model.classifier_ in ("logreg", "hgb") and set(model.val_macro_f1_) == {"logreg", "hgb"}
+    probs = model.predict_proba(test)
+    assert probs.shape == (len(test), 4) and np.allclose(probs.sum(axis=1), 1.0)
+    lexical = _macro_f1(test, probs)
+    assert lexical > majority + 0.1, (lexical, majority)
+    # deterministic
+    again = LexicalBaseline().fit(train, val).predict_proba(test)
+    np.testing.assert_array_equal(probs, again)
+    # CumPT's tuned beta is never worse than argmax tiers on the split it was tuned on
+    probs_val = model.predict_proba(val)
+    _, val_cumpt = tune_cumpt_beta(probs_val, val["label"].to_numpy())
+    assert val_cumpt >= tier_macro_f1(val["label"].to_numpy(), argmax_tiers(probs_val))
+
+
+def test_lexical_features_on_hand_made_pairs():
+    train = pd.DataFrame({"query": ["red shoes", "usb cable 3ft"], "title": ["Red Shoe", "HDMI cable 6ft"],
+                          "description": ["", "a 6ft cable"], "label": [4, 2]})
+    model = LexicalBaseline(LexicalConfig(classifier="logreg")).fit(train)
+    feats = model.features(train)
+    assert feats.loc[0, "q_in_title"] == 1.0 and feats.loc[0, "phrase_in_title"] == 1.0  # plural folded
+    assert feats.loc[0, "desc_empty"] == 1.0 and feats.loc[0, "numbers_matched"] == 1.0
+    assert feats.loc[1, "q_in_title"] == pytest.approx(1 / 3)
+    assert feats.loc[1, "query_numbers"] == 1.0 and feats.loc[1, "numbers_matched"] == 0.0
+    assert feats.loc[1, "head_in_title"] == 0.0 and feats.loc[0, "head_in_title"] == 1.0
+    assert feats.loc[0, "bm25_title"] > feats.loc[1, "bm25_title"] > 0
+    assert model.predict_proba(train).shape == (2, 4)
+
+
+def test_lexical_features_do_not_depend_on_the_hash_seed():
+    """Float sums over a query's tokens must not follow set order, which changes with PYTHONHASHSEED."""
+    code = (
+        "import hashlib, pandas as pd\n"
+        "from pipelines.relevance.baselines import LexicalBaseline\n"
+        "words = [f'w{j}' for j in range(30)]\n"
+        "titles = [' '.join(w for j, w in enumerate(words) if i * (j + 1) % 11 < 4) or 'x' for i in range(40)]\n"
+        "train = pd.DataFrame({'query': ' '.join(words), 'title': titles, 'description': '', 'label': 4})\n"
+        "df = train.iloc[:1].assign(title=' '.join(words[::2]))\n"
+        "m = LexicalBaseline()\n"
+        "m._fit_idf(train['title'])\n"
+        "print(hashlib.sha256(m.features(df).to_numpy().tobytes()).hexdigest())\n"
+    )
+    digests = set()
+    for seed in ("1", "2", "3", "4"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parents[1])
+        digests.add(run.stdout.strip())
+    assert len(digests) == 1
+
+
+def test_run_baselines_without_cross_encoder(crowdflower):
+    config = BaselinesConfig(baselines=["majority", "lexical"])
+    results = run_baselines(crowdflower["train"], crowdflower["val"], crowdflower["test"], config)
+    assert set(results) == {"majority", "lexical"}
+    for result in results.values():
+        assert result["val_probs"].shape == (len(crowdflower["val"]), 4)
+        assert result["test_probs"].shape == (len(crowdflower["test"]), 4)
+        assert result["seconds"] >= 0
+    with pytest.raises(ValueError, match="unknown baseline"):
+        run_baselines(crowdflower["train"], crowdflower["val"], crowdflower["test"], BaselinesConfig(["x"]))
+
+
+@pytest.mark.slow
+def test_cross_encoder_beats_majority_and_round_trips(crowdflower, tmp_path: Path):
+    train, test = crowdflower["train"], crowdflower["test"]
+    majority = _macro_f1(test, MajorityBaseline().fit(train).predict_proba(test))
+    # 2 epochs over 3200 sampled rows = 200 steps of 32 pairs (about 2-3 minutes on 2 CPU cores)
+    config = CrossEncoderConfig(epochs=2, max_train_rows=3200, progress=False)
+    model = CrossEncoderBaseline(config).fit(train)
+    assert model.train_rows == 3200 and len(model.history) == 2
+    assert model.history[1] < model.history[0]
+    probs = model.predict_proba(test)
+    assert probs.shape == (len(test), 4) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert _macro_f1(test, probs) > majority + 0.1
+    folder = model.save(tmp_path / "ce")
+    assert (folder / "model.safetensors").is_file() and (folder / "cross_encoder.json").is_file()
+    assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pkl"))
+    loaded = CrossEncoderBaseline.load(folder)
+    np.testing.assert_array_equal(loaded.predict_proba(test[:200]), model.predict_proba(test[:200]))
