@@ -4,11 +4,13 @@ Because the response starts with the label (post-CoT), the level distribution is
 the 4 label tokens at the last prompt position; no rationale is decoded. Prompts are left-padded so the last
 position is the same for every row of a batch and only that position's logits are computed
 (`logits_to_keep=1`); position ids follow the attention mask, so padding does not shift positions.
-Batches are grouped by length to keep padding small.
+Batches are grouped by length to keep padding small, and the token prefix every prompt shares (system
+prompt, instruction) is computed once and its KV cache reused.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import numpy as np
@@ -42,6 +44,18 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     return input_ids, mask, positions
 
 
+def common_prefix_length(token_ids: Sequence[Sequence[int]]) -> int:
+    """Tokens shared by the start of every sequence (the instruction and chat header of every prompt)."""
+    first = token_ids[0]
+    n = min(len(t) for t in token_ids)
+    for seq in token_ids[1:]:
+        i = 0
+        while i < n and seq[i] == first[i]:
+            i += 1
+        n = i
+    return n
+
+
 @torch.inference_mode()
 def first_token_probs(
     model,
@@ -51,24 +65,41 @@ def first_token_probs(
     *,
     batch_size: int = 16,
     max_length: int = 512,
+    share_prefix: bool = True,
     progress: bool = False,
 ) -> np.ndarray:
-    """Probabilities (n, 4) of levels 1..4 at the first response position, renormalised over the 4 labels."""
+    """Probabilities (n, 4) of levels 1..4 at the first response position, renormalised over the 4 labels.
+
+    With `share_prefix`, the token prefix common to all prompts (system prompt, instruction, field names) is
+    run once and its KV cache reused by every batch, so each pair only pays for its own tokens.
+    """
     token_ids = tokenize_prompts(tokenizer, prompts, max_length)
     label_index = torch.tensor([label_ids[level] for level in LEVELS])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     probs = np.zeros((len(prompts), 4), dtype=np.float64)
     was_training = model.training
     model.eval()
-    batches = length_batches([len(t) for t in token_ids], batch_size)
+    # Keep at least one token per prompt outside the prefix: its logits are the answer.
+    shared = min(common_prefix_length(token_ids), min(len(t) for t in token_ids) - 1) if share_prefix else 0
+    prefix_cache = None
+    if shared > 0:
+        prefix_cache = model(input_ids=torch.tensor([token_ids[0][:shared]]), use_cache=True).past_key_values
+    batches = length_batches([len(t) - shared for t in token_ids], batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc="scoring", unit="batch", mininterval=2.0)
     for batch in batches:
-        input_ids, mask, positions = left_pad([token_ids[i] for i in batch], pad_id)
+        input_ids, mask, positions = left_pad([token_ids[i][shared:] for i in batch], pad_id)
+        kwargs = {}
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(batch))
+            kwargs["past_key_values"] = cache
+            mask = torch.cat([torch.ones((len(batch), shared), dtype=mask.dtype), mask], dim=1)
+            positions = positions + shared
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1,
-                       use_cache=False).logits[:, -1, :]
+                       use_cache=prefix_cache is not None, **kwargs).logits[:, -1, :]
         probs[batch] = torch.softmax(logits[:, label_index].float(), dim=-1).numpy()
     model.train(was_training)
     return probs
