@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+import time
 from pathlib import Path
 
 _TMP = Path(tempfile.mkdtemp(prefix="searchrel-tests-"))
@@ -47,3 +49,29 @@ def ray_local():
     import ray
 
     ray.shutdown()
+
+
+def kill_session(sid: int, timeout: float = 30.0) -> None:
+    """SIGKILL every process of the session `sid`: the driver and all the Ray processes it started.
+
+    `os.killpg` is not enough: Ray puts its workers in process groups of their own, and a Ray Train worker
+    outlives its raylet by a second or two, long enough to train and checkpoint several more steps.
+    """
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        alive = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            pid = int(entry)
+            try:
+                if os.getsid(pid) != sid or Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z":
+                    continue
+                os.kill(pid, signal.SIGKILL)
+                alive.append(pid)
+            except (ProcessLookupError, PermissionError, FileNotFoundError, IndexError):
+                continue
+        if not alive:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"processes of session {sid} survived SIGKILL for {timeout} s")

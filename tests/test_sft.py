@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -10,6 +9,7 @@ import time
 
 import pandas as pd
 import pytest
+from conftest import kill_session
 
 from pipelines.config import build_config
 from pipelines.data.relevance import PrepareConfig, prepare_relevance, read_split
@@ -121,7 +121,7 @@ def _run_killed_then_resumed(judgments, tmp_path, overrides, kill_at_step):
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the job finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+    kill_session(proc.pid)  # the driver and every Ray process it started
     proc.wait()
     killed_at = read_marker(ckpt)["step"]
     assert not (tmp_path / "out" / "model").exists()

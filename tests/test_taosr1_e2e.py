@@ -44,3 +44,14 @@ def test_tiny_profile_end_to_end(root, shared_data, ray_local):
     again = run_taosr1(spec, ["main"])  # a rerun of the same run key finds its own work
     assert all(r.skipped for r in again.values())
 
+    stage2 = run_taosr1(spec, ["stage2"])  # pass@N sampling, DPO pairs, DPO, GRPO, each evaluated
+    curve = stage2["sample"].summary["pass_at_k"]
+    values = [curve[str(k)] for k in range(1, len(curve) + 1)]
+    assert values == sorted(values)  # pass@k never falls with k
+    pairs = stage2["dpo_pairs"].path / "pairs.parquet"
+    assert pairs.exists()
+    assert "pass_at_k.png" in {a.path for a in client.list_artifacts(stage2["sample"].manifest["mlflow_run_id"])}
+    for stage in ("dpo", "grpo"):
+        assert (stage2[stage].path / "model" / "model.safetensors").exists()
+    assert [r["model"] for r in ablation_rows(root, "e2e")][-2:] == ["+ DPO", "+ GRPO"]
+

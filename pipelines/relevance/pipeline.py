@@ -1,6 +1,7 @@
 """The TaoSR1 pipeline: its stages in order, each a `run_stage` call whose inputs are earlier stages' outputs.
 
     prepare -> rationales -> baselines -> sft -> evaluate   (+ the ablation: no-CoT and pre-CoT SFT)
+    sft -> sample -> dpo_pairs -> dpo -> evaluate_dpo -> grpo -> evaluate_grpo   (stages 2 and 3)
 
 `run_taosr1` runs a chosen list of stages in-process (the CLI's `searchrel run taosr1`); the Airflow DAG runs
 the same stage functions one per Ray job through `python -m ray_jobs.<stage>`.
@@ -21,7 +22,11 @@ from pipelines.stage import StageContext, StageResult, config_digest, run_stage
 PIPELINE = "taosr1"
 STAGES = ("prepare", "rationales", "baselines", "sft", "evaluate")
 ABLATION = ("sft_no_cot", "evaluate_no_cot", "sft_pre_cot", "evaluate_pre_cot")
-ALL_STAGES = STAGES + ABLATION
+STAGE2 = ("sample", "dpo_pairs", "dpo", "evaluate_dpo", "grpo", "evaluate_grpo")
+# Which trained model each evaluate stage scores.
+EVALUATED_MODEL = {"evaluate": "sft", "evaluate_no_cot": "sft_no_cot", "evaluate_pre_cot": "sft_pre_cot",
+                   "evaluate_dpo": "dpo", "evaluate_grpo": "grpo"}
+ALL_STAGES = STAGES + ABLATION + STAGE2
 VARIANT_STYLE = {"": "post_cot", "_no_cot": "no_cot", "_pre_cot": "pre_cot"}
 
 
@@ -78,8 +83,21 @@ def stage_config(stage: str, spec: RunSpec):
     if base == "sft":
         cfg = load_stage_config(SFTConfig, PIPELINE, "sft", spec.profile, spec.overrides)
         return replace(cfg, response_style=VARIANT_STYLE[_variant(stage)]) if _variant(stage) else cfg
-    if base == "evaluate":
+    if base == "evaluate" or stage in EVALUATED_MODEL:
         return load_stage_config(EvaluateConfig, PIPELINE, "evaluate", spec.profile, spec.overrides)
+    if stage == "dpo":
+        from pipelines.relevance.dpo import DPOConfig
+
+        return load_stage_config(DPOConfig, PIPELINE, "dpo", spec.profile, spec.overrides)
+    if stage == "grpo":
+        from pipelines.relevance.grpo import GRPOConfig
+
+        return load_stage_config(GRPOConfig, PIPELINE, "grpo", spec.profile, spec.overrides)
+    if base in ("sample", "dpo_pairs"):
+        from pipelines.relevance.sampling import SampleConfig
+
+        # dpo_pairs is a pure function of the samples; it shares sample's seed.
+        return load_stage_config(SampleConfig, PIPELINE, "sample", spec.profile, spec.overrides)
     raise ValueError(f"unknown taosr1 stage {stage!r}; stages are: {', '.join(ALL_STAGES)}")
 
 
@@ -159,7 +177,7 @@ def sft(spec: RunSpec, stage: str = "sft") -> StageResult:
 
 
 def evaluate(spec: RunSpec, stage: str = "evaluate") -> StageResult:
-    sft_stage = "sft" + _variant(stage)
+    sft_stage = EVALUATED_MODEL[stage]
     style = VARIANT_STYLE[_variant(stage)]
 
     def body(ctx: StageContext) -> dict[str, Any]:
@@ -169,7 +187,8 @@ def evaluate(spec: RunSpec, stage: str = "evaluate") -> StageResult:
             splits = {k: v.sample(n=min(len(v), cfg.max_examples), random_state=cfg.seed).sort_index()
                       for k, v in splits.items()}
         probs = score_model(ctx.inputs["model"] / "model", {s: splits[s] for s in ("val", "test")}, style, cfg)
-        metrics = _evaluate_and_log(ctx, f"sft_{style}", splits, probs["val"], probs["test"])
+        name = f"sft_{style}" if sft_stage.startswith("sft") else sft_stage
+        metrics = _evaluate_and_log(ctx, name, splits, probs["val"], probs["test"])
         for split in ("val", "test"):
             frame = splits[split][["query_id", "item_id", "label"]].copy()
             frame[["p1", "p2", "p3", "p4"]] = probs[split]
@@ -238,11 +257,81 @@ def _evaluate_and_log(ctx: StageContext, name: str, splits, val_probs, test_prob
     return metrics
 
 
+def sample(spec: RunSpec) -> StageResult:
+    from pipelines.relevance.sampling import pass_at_k_figure, run_sampling
+
+    def body(ctx: StageContext) -> dict[str, Any]:
+        import mlflow
+
+        from pipelines.tracking.runs import log_figure
+
+        train = pd.read_parquet(ctx.inputs["rationales"] / "train.parquet")
+        samples, summary = run_sampling(ctx.inputs["model"] / "model", train, ctx.config)
+        samples.to_parquet(ctx.work_dir / "samples.parquet", index=False)
+        curve = {int(k): float(v) for k, v in summary["pass_at_k"].items()}
+        for k, value in curve.items():
+            mlflow.log_metric("pass_at_k", value, step=k)
+        log_figure(pass_at_k_figure(curve), "pass_at_k.png")
+        return summary
+
+    return _stage(spec, "sample", {"rationales": _dir(spec, "rationales"), "model": _dir(spec, "sft")}, body)
+
+
+def dpo_pairs(spec: RunSpec) -> StageResult:
+    from pipelines.relevance.sampling import build_dpo_pairs, read_model_card
+
+    def body(ctx: StageContext) -> dict[str, Any]:
+        train = pd.read_parquet(ctx.inputs["rationales"] / "train.parquet")
+        samples = pd.read_parquet(ctx.inputs["sample"] / "samples.parquet")
+        style = read_model_card(ctx.inputs["model"] / "model").get("response_style", "post_cot")
+        pairs, summary = build_dpo_pairs(samples, train, style, seed=ctx.config.seed)
+        pairs.to_parquet(ctx.work_dir / "pairs.parquet", index=False)
+        return summary
+
+    return _stage(spec, "dpo_pairs", {"rationales": _dir(spec, "rationales"), "sample": _dir(spec, "sample"),
+                                      "model": _dir(spec, "sft")}, body)
+
+
+def _trainer_stage(spec: RunSpec, stage: str, inputs: dict[str, Path], train) -> StageResult:
+    def body(ctx: StageContext) -> dict[str, Any]:
+        from pipelines.tracking.runs import tracking_uri
+
+        mlflow_run = {"tracking_uri": tracking_uri(ctx.root), "run_id": ctx.mlflow_run_id}
+        return train(ctx, mlflow_run)
+
+    return _stage(spec, stage, inputs, body)
+
+
+def dpo(spec: RunSpec) -> StageResult:
+    from pipelines.relevance.dpo import run_dpo
+
+    def train(ctx: StageContext, mlflow_run) -> dict[str, Any]:
+        pairs = pd.read_parquet(ctx.inputs["dpo_pairs"] / "pairs.parquet")
+        return run_dpo(pairs, ctx.inputs["model"] / "model", ctx.config, ctx.work_dir, ctx.checkpoint_dir,
+                       config_digest(ctx.config), mlflow_run)
+
+    return _trainer_stage(spec, "dpo", {"dpo_pairs": _dir(spec, "dpo_pairs"), "model": _dir(spec, "sft")}, train)
+
+
+def grpo(spec: RunSpec) -> StageResult:
+    from pipelines.relevance.grpo import run_grpo
+
+    def train(ctx: StageContext, mlflow_run) -> dict[str, Any]:
+        rows = pd.read_parquet(ctx.inputs["rationales"] / "train.parquet")
+        return run_grpo(rows, ctx.inputs["model"] / "model", ctx.config, ctx.work_dir, ctx.checkpoint_dir,
+                        config_digest(ctx.config), mlflow_run)
+
+    return _trainer_stage(spec, "grpo", {"rationales": _dir(spec, "rationales"), "model": _dir(spec, "dpo")}, train)
+
+
 STAGE_FUNCTIONS = {
     "prepare": prepare, "rationales": rationales, "baselines": baselines, "sft": sft, "evaluate": evaluate,
     "sft_no_cot": lambda spec: sft(spec, "sft_no_cot"), "sft_pre_cot": lambda spec: sft(spec, "sft_pre_cot"),
     "evaluate_no_cot": lambda spec: evaluate(spec, "evaluate_no_cot"),
     "evaluate_pre_cot": lambda spec: evaluate(spec, "evaluate_pre_cot"),
+    "sample": sample, "dpo_pairs": dpo_pairs, "dpo": dpo, "grpo": grpo,
+    "evaluate_dpo": lambda spec: evaluate(spec, "evaluate_dpo"),
+    "evaluate_grpo": lambda spec: evaluate(spec, "evaluate_grpo"),
 }
 
 
@@ -252,7 +341,7 @@ def resolve_stages(names: list[str] | None) -> list[str]:
         return list(STAGES)
     wanted: list[str] = []
     for name in names:
-        expanded = {"all": ALL_STAGES, "ablation": ABLATION, "main": STAGES}.get(name, (name,))
+        expanded = {"all": ALL_STAGES, "ablation": ABLATION, "main": STAGES, "stage2": STAGE2}.get(name, (name,))
         for stage in expanded:
             if stage not in STAGE_FUNCTIONS:
                 raise ValueError(f"unknown stage {stage!r}; stages are: {', '.join(ALL_STAGES)} (or all, ablation)")
@@ -261,7 +350,8 @@ def resolve_stages(names: list[str] | None) -> list[str]:
 
 
 def run_taosr1(spec: RunSpec, stages: list[str] | None = None) -> dict[str, StageResult]:
-    check_override_stages(spec.overrides, {"prepare", "rationales", "baselines", "sft", "evaluate"})
+    check_override_stages(spec.overrides, {"prepare", "rationales", "baselines", "sft", "evaluate", "sample",
+                                           "dpo", "grpo"})
     results = {}
     for stage in resolve_stages(stages):
         results[stage] = STAGE_FUNCTIONS[stage](spec)

@@ -15,6 +15,8 @@ ROWS = (  # (row label, stage, key in the stage summary or None for the stage's 
     ("SFT, no CoT", "evaluate_no_cot", None),
     ("SFT, pre-CoT (reason, then label)", "evaluate_pre_cot", None),
     ("SFT, post-CoT (label, then reason)", "evaluate", None),
+    ("+ DPO", "evaluate_dpo", None),
+    ("+ GRPO", "evaluate_grpo", None),
 )
 
 

@@ -233,8 +233,7 @@ def deepspeed_config(config: SFTConfig, world_size: int) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if config.gradient_clipping:
-        ds["gradient_clipping"] = config.gradient_clipping
+    ds["gradient_clipping"] = config.gradient_clipping  # 0 turns it off (DeepSpeed's own default is 1.0)
     if config.bf16:
         ds["bf16"] = {"enabled": True}
     return ds
@@ -347,7 +346,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
             mine = indices[rank::world]
             batch = collate([train["input_ids"][i] for i in mine], [train["response_start"][i] for i in mine],
                             pad_id, [train["label_pos"][i] for i in mine], label_weight[mine])
-            loss = response_loss(engine, batch)
+            loss = response_loss(engine, {k: v.to(engine.device) for k, v in batch.items()})
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
