@@ -44,6 +44,7 @@ from pipelines.relevance.sft import (
     build_engine,
     collate,
     epoch_batches,
+    fit_workers,
     read_marker,
     tokenize_examples,
 )
@@ -344,8 +345,6 @@ def run_dpo(
 ) -> dict[str, Any]:
     """DPO of the SFT model in `sft_model_dir` on `pairs_df` (columns prompt, chosen, rejected: text, prompts
     as built for that model, responses without EOS); writes `out_dir/model` and returns the training summary."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.raycluster import ensure_ray
 
@@ -372,17 +371,7 @@ def run_dpo(
         "paths": {"sft_model": str(sft_model_dir), "pairs": str(pairs_path),
                   "checkpoints": str(checkpoint_dir), "output": str(out_dir)},
     }
-    resources = {"CPU": config.cpus_per_worker} | ({"GPU": 1} if config.use_gpu else {})
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_cfg,
-        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name="dpo", storage_path=str(checkpoint_dir / "ray"),
-                             failure_config=FailureConfig(max_failures=0)),
-    )
-    trainer.fit()
+    fit_workers(train_loop, loop_cfg, config, checkpoint_dir, "dpo")
     copy_card(sft_model_dir, out_dir / "model")
     summary = json.loads((out_dir / "train_summary.json").read_text())
     summary["reference_seconds"] = reference["reference_seconds"]

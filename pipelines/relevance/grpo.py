@@ -60,6 +60,7 @@ from pipelines.relevance.sft import (
     _write_marker,
     build_engine,
     collate,
+    fit_workers,
     read_marker,
 )
 
@@ -690,8 +691,6 @@ def run_grpo(
 ) -> dict[str, Any]:
     """GRPO of the SFT or DPO model in `sft_or_dpo_model_dir` on judgments `train_rows` (query, title,
     description, label: the gold level); writes `out_dir/model` and returns the training summary."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.raycluster import ensure_ray
 
@@ -719,17 +718,7 @@ def run_grpo(
         "paths": {"start_model": str(start_model_dir), "prompts": str(prompts_path),
                   "checkpoints": str(checkpoint_dir), "output": str(out_dir)},
     }
-    resources = {"CPU": config.cpus_per_worker} | ({"GPU": 1} if config.use_gpu else {})
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_cfg,
-        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name="grpo", storage_path=str(checkpoint_dir / "ray"),
-                             failure_config=FailureConfig(max_failures=0)),
-    )
-    trainer.fit()
+    fit_workers(train_loop, loop_cfg, config, checkpoint_dir, "grpo")
     copy_card(start_model_dir, out_dir / "model")
     summary = json.loads((out_dir / "train_summary.json").read_text())
     summary["train_examples"] = len(train_rows)

@@ -458,6 +458,26 @@ class _Tracker:
 # ------------------------------------------------------------------------------------------------ the driver
 
 
+def fit_workers(train_loop, loop_cfg: dict[str, Any], config, checkpoint_dir: Path, name: str) -> None:
+    """Run `train_loop` on `config.num_workers` Ray Train workers (gloo on CPUs, nccl with `use_gpu`).
+
+    No retries: a failed run resumes from its own checkpoints when the stage is run again.
+    """
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources = {"CPU": config.cpus_per_worker} | ({"GPU": 1} if config.use_gpu else {})
+    TorchTrainer(
+        train_loop,
+        train_loop_config=loop_cfg,
+        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=str(Path(checkpoint_dir) / "ray"),
+                             failure_config=FailureConfig(max_failures=0)),
+    ).fit()
+
+
 def run_sft(
     train_rows: pd.DataFrame,
     val_rows: pd.DataFrame,
@@ -468,8 +488,6 @@ def run_sft(
     mlflow_run: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune on `train_rows` (with rationales) and write `out_dir/model`; returns the training summary."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.raycluster import ensure_ray
     from pipelines.relevance.models import label_token_ids, load_model_and_tokenizer, save_model
@@ -506,17 +524,7 @@ def run_sft(
         "paths": {"init": str(init), "train": str(train_path), "val": str(val_path),
                   "checkpoints": str(checkpoint_dir), "output": str(out_dir)},
     }
-    resources = {"CPU": config.cpus_per_worker} | ({"GPU": 1} if config.use_gpu else {})
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_cfg,
-        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name="sft", storage_path=str(checkpoint_dir / "ray"),
-                             failure_config=FailureConfig(max_failures=0)),
-    )
-    trainer.fit()
+    fit_workers(train_loop, loop_cfg, config, checkpoint_dir, "sft")
     (out_dir / "model" / MODEL_CARD).write_text(json.dumps(prompt_settings(config) | {"label_ids": label_ids}))
     summary = json.loads((out_dir / "train_summary.json").read_text())
     summary["label_ids"] = {str(k): v for k, v in label_ids.items()}
