@@ -39,3 +39,14 @@ def test_length_batches_cover_every_index_once():
     batches = length_batches([5, 50, 7, 49, 6, 51], 2)
     assert sorted(i for b in batches for i in b) == list(range(6))
     assert batches == [[1, 5], [2, 3], [0, 4]]  # longest first, similar lengths together
+
+
+def test_query_prefix_sharing_gives_the_same_probabilities():
+    model, tok, _, ids = _model()
+    rows = [(q, t, d) for q in ("red running shoes", "lamp") for _, t, d in PAIRS] + [PAIRS[2]]
+    prompts = [build_prompt(tok, q, t, d) for q, t, d in rows]
+    groups = [q for q, _, _ in rows]
+    grouped = first_token_probs(model, tok, prompts, ids, batch_size=3, groups=groups)
+    full = first_token_probs(model, tok, prompts, ids, batch_size=3, share_prefix=False)
+    assert np.abs(grouped - full).max() < 1e-5
+    assert np.allclose(grouped.sum(axis=1), 1.0)

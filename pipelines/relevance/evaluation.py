@@ -27,7 +27,10 @@ def evaluate_model(model: str, dataset: str, path: Path, split: str, profile: st
 
     if split not in ("train", "val", "test", "all"):
         raise ValueError(f"--split must be train, val, test or all, not {split!r}")
-    model_dir = resolve_model_dir(model)
+    from pipelines.env import default_root
+    from pipelines.relevance.serving import resolve_model
+
+    model_dir = resolve_model(model, default_root())
     prepare_cfg = load_stage_config(PrepareConfig, "taosr1", "prepare", None, overrides)
     eval_cfg = load_stage_config(EvaluateConfig, "taosr1", "evaluate", profile, overrides)
     with tempfile.TemporaryDirectory() as tmp:

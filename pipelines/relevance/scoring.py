@@ -56,6 +56,49 @@ def common_prefix_length(token_ids: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def _prefill(model, tokens: Sequence[int], cache=None, start: int = 0):
+    """KV cache of `tokens` (positions `start`...), continuing `cache` (left untouched) when one is given."""
+    kwargs = {"cache": copy.deepcopy(cache)} if cache is not None else {}
+    positions = torch.arange(start, start + len(tokens)).unsqueeze(0)
+    return model(input_ids=torch.tensor([list(tokens)]), position_ids=positions, use_cache=True,
+                 logits_to_keep=1, **kwargs).cache
+
+
+def _score_batch(model, suffixes: Sequence[Sequence[int]], prefix_len: int, prefix_cache, pad_id: int,
+                 label_index: torch.Tensor) -> np.ndarray:
+    input_ids, mask, positions = left_pad(suffixes, pad_id)
+    kwargs = {}
+    if prefix_cache is not None:
+        cache = copy.deepcopy(prefix_cache)
+        cache.batch_repeat_interleave(len(suffixes))
+        kwargs["cache"] = cache
+        mask = torch.cat([torch.ones((len(suffixes), prefix_len), dtype=mask.dtype), mask], dim=1)
+        positions = positions + prefix_len
+    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1,
+                   use_cache=prefix_cache is not None, **kwargs).logits[:, -1, :]
+    return torch.softmax(logits[:, label_index].float(), dim=-1).numpy()
+
+
+def _prefix_units(token_ids: list[list[int]], shared: int, groups: Sequence | None):
+    """(member indices, prefix length) per unit of work: one per group of >= 2 prompts, one for the rest."""
+    if groups is None:
+        return [(list(range(len(token_ids))), shared)]
+    members: dict = {}
+    for i, key in enumerate(groups):
+        members.setdefault(key, []).append(i)
+    units, singles = [], []
+    for rows in members.values():
+        if len(rows) < 2:
+            singles.extend(rows)
+            continue
+        group_ids = [token_ids[i] for i in rows]
+        length = min(common_prefix_length(group_ids), min(len(t) for t in group_ids) - 1)
+        units.append((rows, max(length, shared)))
+    if singles:
+        units.append((sorted(singles), shared))
+    return units
+
+
 @torch.inference_mode()
 def first_token_probs(
     model,
@@ -66,41 +109,46 @@ def first_token_probs(
     batch_size: int = 16,
     max_length: int = 512,
     share_prefix: bool = True,
+    groups: Sequence | None = None,
     progress: bool = False,
 ) -> np.ndarray:
     """Probabilities (n, 4) of levels 1..4 at the first response position, renormalised over the 4 labels.
 
     With `share_prefix`, the token prefix common to all prompts (system prompt, instruction, field names) is
-    run once and its KV cache reused by every batch, so each pair only pays for its own tokens.
+    run once and its KV cache reused by every batch, so each pair only pays for its own tokens. `groups`
+    (one key per prompt, e.g. the query) goes one level further: the prefix a group's prompts share (the
+    instruction and the query) is run once per group on top of that cache, and the group's items are batched
+    together (a search request scores many candidates for one query).
     """
     token_ids = tokenize_prompts(tokenizer, prompts, max_length)
     label_index = torch.tensor([label_ids[level] for level in LEVELS])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     probs = np.zeros((len(prompts), 4), dtype=np.float64)
+    if not token_ids:
+        return probs
     was_training = model.training
     model.eval()
     # Keep at least one token per prompt outside the prefix: its logits are the answer.
     shared = min(common_prefix_length(token_ids), min(len(t) for t in token_ids) - 1) if share_prefix else 0
-    prefix_cache = None
-    if shared > 0:
-        prefix_cache = model(input_ids=torch.tensor([token_ids[0][:shared]]), use_cache=True).past_key_values
-    batches = length_batches([len(t) - shared for t in token_ids], batch_size)
+    shared_cache = _prefill(model, token_ids[0][:shared]) if shared > 0 else None
+    units = _prefix_units(token_ids, shared, groups if share_prefix else None)
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc="scoring", unit="batch", mininterval=2.0)
-    for batch in batches:
-        input_ids, mask, positions = left_pad([token_ids[i][shared:] for i in batch], pad_id)
-        kwargs = {}
-        if prefix_cache is not None:
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(len(batch))
-            kwargs["past_key_values"] = cache
-            mask = torch.cat([torch.ones((len(batch), shared), dtype=mask.dtype), mask], dim=1)
-            positions = positions + shared
-        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1,
-                       use_cache=prefix_cache is not None, **kwargs).logits[:, -1, :]
-        probs[batch] = torch.softmax(logits[:, label_index].float(), dim=-1).numpy()
+        bar = tqdm(total=len(prompts), desc="scoring", unit="pair", mininterval=2.0)
+    for rows, prefix_len in units:
+        cache = shared_cache
+        if prefix_len > shared:
+            cache = _prefill(model, token_ids[rows[0]][shared:prefix_len], shared_cache, start=shared)
+        for batch in length_batches([len(token_ids[i]) - prefix_len for i in rows], batch_size):
+            index = [rows[j] for j in batch]
+            probs[index] = _score_batch(model, [token_ids[i][prefix_len:] for i in index], prefix_len, cache,
+                                        pad_id, label_index)
+            if bar is not None:
+                bar.update(len(index))
+    if bar is not None:
+        bar.close()
     model.train(was_training)
     return probs
 

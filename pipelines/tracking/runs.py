@@ -32,11 +32,17 @@ def experiment_name(pipeline: str) -> str:
     return f"searchrel-{pipeline}"
 
 
-def configure(root: Path, pipeline: str) -> str:
-    """Point MLflow at the store for `root` and make sure the pipeline's experiment exists; returns its id."""
+def use_store(root: Path) -> str:
+    """Point MLflow's tracking and registry at the store for `root`; returns the tracking URI."""
     uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    return uri
+
+
+def configure(root: Path, pipeline: str) -> str:
+    """Point MLflow at the store for `root` and make sure the pipeline's experiment exists; returns its id."""
+    uri = use_store(root)
     client = MlflowClient()
     name = experiment_name(pipeline)
     exp = client.get_experiment_by_name(name)
