@@ -95,6 +95,10 @@ class SFTConfig:
     gradient_clipping: float = field(default=1.0, metadata={"help": "Global gradient-norm clip (0 = off)."})
     zero_stage: int = field(default=2, metadata={"help": "DeepSpeed ZeRO stage, 0-3."})
     bf16: bool = field(default=False, metadata={"help": "DeepSpeed bf16 mode (bf16 weights, fp32 master copy)."})
+    deepspeed_config: str = field(default="", metadata={
+        "help": "A DeepSpeed JSON file (absolute, or relative to the repo) merged over the config built from these "
+                "fields, for tuning knobs they do not cover (bucket sizes, overlap, ZeRO-3 prefetch). Its batch "
+                "sizes, ZeRO stage and bf16 must agree with the fields; e.g. infra/deepspeed/zero3.json."})
     num_workers: int = field(default=1, metadata={"help": "Ray Train workers (data-parallel ranks)."})
     cpus_per_worker: int = field(default=2, metadata={"help": "CPUs per worker; also its torch thread count."})
     use_gpu: bool = field(default=False, metadata={"help": "One GPU per worker (the gpu profile)."})
@@ -236,7 +240,34 @@ def deepspeed_config(config: SFTConfig, world_size: int) -> dict[str, Any]:
     ds["gradient_clipping"] = config.gradient_clipping  # 0 turns it off (DeepSpeed's own default is 1.0)
     if config.bf16:
         ds["bf16"] = {"enabled": True}
+    if config.deepspeed_config:
+        ds = _merge_deepspeed_file(ds, config.deepspeed_config)
     return ds
+
+
+def _merge_deepspeed_file(built: dict[str, Any], path: str) -> dict[str, Any]:
+    """`built` with the file's settings merged in; refuses a file that contradicts the config's own fields."""
+    from pipelines.env import REPO_ROOT
+
+    file = Path(path) if Path(path).is_absolute() else REPO_ROOT / path
+    if not file.exists():
+        raise FileNotFoundError(f"sft.deepspeed_config: {file} not found")
+    extra = json.loads(file.read_text())
+    merged = {**built, **{k: v for k, v in extra.items() if k != "zero_optimization"}}
+    merged["zero_optimization"] = {**extra.get("zero_optimization", {}), **built["zero_optimization"]}
+    checks = {"train_micro_batch_size_per_gpu": built["train_micro_batch_size_per_gpu"],
+              "gradient_accumulation_steps": built["gradient_accumulation_steps"],
+              "train_batch_size": built["train_batch_size"]}
+    clashes = [f"{k}: file {extra[k]} vs config {v}" for k, v in checks.items() if k in extra and extra[k] != v]
+    stage = extra.get("zero_optimization", {}).get("stage")
+    if stage is not None and stage != built["zero_optimization"]["stage"]:
+        clashes.append(f"zero_optimization.stage: file {stage} vs config {built['zero_optimization']['stage']}")
+    if bool(extra.get("bf16", {}).get("enabled", False)) != ("bf16" in built):
+        clashes.append(f"bf16.enabled: file {extra.get('bf16', {}).get('enabled', False)} vs config {'bf16' in built}")
+    if clashes:
+        raise ValueError(f"{file} disagrees with the sft config ({'; '.join(clashes)}): change the profile's fields "
+                         "or the file so both say the same")
+    return merged
 
 
 # ------------------------------------------------------------------------------------------------ the worker
