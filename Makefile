@@ -28,7 +28,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export DS_ACCELERATOR := cpu
 export SEARCHREL_ROOT := $(ROOT)
 
-.PHONY: venv demo test test-fast lint bench ui clean
+.PHONY: venv demo test test-fast lint bench ui clean airflow
 
 venv: $(STAMP)
 
@@ -44,7 +44,24 @@ $(STAMP): requirements.txt requirements-torch.txt requirements-nodeps.txt setup.
 demo: $(STAMP)
 	$(VENV)/bin/searchrel prepare --dataset crowdflower --path $(DATA)/crowdflower_search_relevance --run-key $(RUN_KEY) --profile $(PROFILE)
 	$(VENV)/bin/searchrel prepare --dataset movielens --path $(DATA)/movielens_100k_recbole --run-key $(RUN_KEY) --profile $(PROFILE)
-	@echo "Results under $(ROOT). Open the MLflow UI with: $(VENV)/bin/searchrel ui"
+	mkdir -p $(AIRFLOW_HOME) && $(VENV)/bin/airflow db migrate > $(AIRFLOW_HOME)/db_migrate.log
+	@# Both DAGs through `airflow dags test` on the embedded default: each stage a local job, MLflow on SQLite.
+	@# run_key=$(RUN_KEY): a second `make demo` reuses every finished stage. Full task logs: $(AIRFLOW_HOME)/demo_*.log
+	$(VENV)/bin/airflow dags test taosr1_relevance -c '{"profile": "$(PROFILE)", "run_key": "$(RUN_KEY)", "path": "$(DATA)/crowdflower_search_relevance"}' > $(AIRFLOW_HOME)/demo_taosr1.log 2>&1 || { tail -n 40 $(AIRFLOW_HOME)/demo_taosr1.log; exit 1; }
+	$(VENV)/bin/airflow dags test autofas_preranking -c '{"profile": "$(PROFILE)", "run_key": "$(RUN_KEY)", "path": "$(DATA)/movielens_100k_recbole"}' > $(AIRFLOW_HOME)/demo_autofas.log 2>&1 || { tail -n 40 $(AIRFLOW_HOME)/demo_autofas.log; exit 1; }
+	$(PY) -m operators.demo taosr1_relevance autofas_preranking
+	@echo "Results under $(ROOT)/taosr1/$(RUN_KEY) and $(ROOT)/autofas/$(RUN_KEY) (TaoSR1 table: $(VENV)/bin/searchrel report --run-key $(RUN_KEY))."
+	@echo "Open the MLflow UI with: $(VENV)/bin/searchrel ui   (http://127.0.0.1:5000); the Airflow UI with: make airflow"
+
+# The Airflow UI and scheduler on loopback: LocalExecutor with few workers, login required (SimpleAuthManager;
+# user admin, password in $(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated). Ctrl-C stops it.
+AIRFLOW_PORT ?= 8080
+airflow: $(STAMP)
+	mkdir -p $(AIRFLOW_HOME) && $(VENV)/bin/airflow db migrate > $(AIRFLOW_HOME)/db_migrate.log
+	@echo "Airflow UI on http://127.0.0.1:$(AIRFLOW_PORT) (user admin; password: $(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated)"
+	AIRFLOW__API__HOST=127.0.0.1 AIRFLOW__API__PORT=$(AIRFLOW_PORT) AIRFLOW__API__BASE_URL=http://127.0.0.1:$(AIRFLOW_PORT) \
+	AIRFLOW__CORE__PARALLELISM=4 AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG=2 AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=False \
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/airflow standalone
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -42,9 +42,10 @@ def print_table(title: str, rows: list[dict]) -> None:
 
 @app.command()
 def prepare(
-    dataset: Annotated[str, typer.Option(help="crowdflower, homedepot, esci, table | movielens, criteo, avazu")],
-    path: Annotated[Path, typer.Option(help="The source file or folder.")],
+    dataset: Annotated[str, typer.Option(help="crowdflower, homedepot, esci, table | movielens, criteo, avazu, "
+                                              "synthetic")],
     run_key: Annotated[str, typer.Option(help="Names this pipeline run; reruns with the same key reuse work.")],
+    path: Annotated[Path | None, typer.Option(help="The source file or folder (synthetic needs none).")] = None,
     profile: ProfileOpt = "tiny",
     set_: SetOpt = None,
     root: RootOpt = None,
@@ -75,7 +76,7 @@ def prepare(
 
 @app.command()
 def run(
-    pipeline: Annotated[str, typer.Argument(help="taosr1 (autofas arrives with its pipeline).")],
+    pipeline: Annotated[str, typer.Argument(help="taosr1 or autofas.")],
     run_key: Annotated[str, typer.Option(help="Names this pipeline run; reruns with the same key reuse work.")],
     dataset: Annotated[str, typer.Option(help="Source dataset (see `searchrel prepare`).")] = "crowdflower",
     path: Annotated[Path | None, typer.Option(help="The source file or folder (needed by prepare).")] = None,
@@ -89,8 +90,17 @@ def run(
     from pipelines.config import ConfigError
     from pipelines.data.relevance import DataError
 
+    if pipeline == "autofas":
+        from pipelines.preranking.pipeline import cli_run
+
+        try:
+            cli_run(run_key=run_key, dataset=dataset, path=path, stages=stages, profile=profile, overrides=set_ or [],
+                    root=(root or default_root()).resolve(), force=force, print_table=print_table)
+        except (ConfigError, ValueError, FileNotFoundError) as err:
+            _fail(str(err))
+        return
     if pipeline != "taosr1":
-        _fail(f"unknown pipeline {pipeline!r}; available: taosr1")
+        _fail(f"unknown pipeline {pipeline!r}; available: taosr1, autofas")
     from pipelines.relevance.pipeline import RunSpec, run_taosr1
 
     spec = RunSpec(run_key=run_key, root=(root or default_root()).resolve(), dataset=dataset,
@@ -140,6 +150,71 @@ def report(
     path, rows = write_report((root or default_root()).resolve(), run_key)
     print_table(f"taosr1 / {run_key}: test metrics", rows)
     typer.echo(f"report written to {path}")
+
+
+@app.command()
+def score(
+    model: Annotated[str, typer.Option(help="A model folder, an sft stage folder, or models:/NAME@ALIAS.")],
+    input_path: Annotated[Path, typer.Option("--input", help="Parquet with query, title and optional description.")],
+    output: Annotated[Path, typer.Option(help="Parquet to write: the input columns plus the scores and `error`.")],
+    actors: Annotated[int, typer.Option(help="Scoring actors in the Ray pool (one model each).")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Pairs per forward pass.")] = 32,
+    root: RootOpt = None,
+) -> None:
+    """Batch-score a table through Ray Data; a bad row gets an error column, not a failed job."""
+    from pipelines.relevance.batch_scoring import score_file
+
+    if root:
+        os.environ["SEARCHREL_ROOT"] = str(root)
+    try:
+        counts = score_file(model, input_path, output, actors=actors, batch_size=batch_size)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    print_table(f"scored {input_path} -> {output}", [counts])
+
+
+@app.command()
+def serve(
+    name: Annotated[str, typer.Option(help="Registered model name.")] = "searchrel-taosr1",
+    alias: Annotated[str, typer.Option(help="Which alias to serve.")] = "champion",
+    host: Annotated[str, typer.Option(help="Bind address; loopback unless you mean to expose it.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the REST endpoint (POST /invocations).")] = 5001,
+    workers: Annotated[int, typer.Option(help="Server worker processes (each loads the model).")] = 1,
+    root: RootOpt = None,
+) -> None:
+    """Serve models:/NAME@ALIAS over REST with `mlflow models serve` in this environment."""
+    from pipelines.tracking.runs import tracking_uri
+
+    uri = tracking_uri(root or default_root())
+    env = os.environ.copy()
+    env.setdefault("MLFLOW_TRACKING_URI", uri)
+    env.setdefault("MLFLOW_REGISTRY_URI", env["MLFLOW_TRACKING_URI"])
+    # mlflow execs `uvicorn` by name: find this environment's even when the venv is not activated.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    model_uri = f"models:/{name}@{alias}"
+    typer.echo(f"serving {model_uri} from {env['MLFLOW_TRACKING_URI']} at http://{host}:{port}/invocations "
+               "(Ctrl-C to stop)")
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+           "--host", host, "--port", str(port), "--workers", str(workers)]
+    raise typer.Exit(subprocess.call(cmd, env=env))
+
+
+@app.command()
+def rollback(
+    name: Annotated[str, typer.Argument(help="Registered model name.")] = "searchrel-taosr1",
+    root: RootOpt = None,
+) -> None:
+    """Move the `champion` alias back to the version that held it before."""
+    from pipelines.relevance.promotion import rollback as do_rollback
+    from pipelines.tracking.runs import use_store
+
+    root = root or default_root()
+    use_store(root)
+    try:
+        record = do_rollback(root, name)
+    except ValueError as err:
+        _fail(str(err))
+    typer.echo(f"{name}: champion moved back from version {record['rolled_back_from']} to {record['to']}")
 
 
 @app.command()

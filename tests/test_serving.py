@@ -256,3 +256,16 @@ def test_batch_scoring_gives_bad_rows_an_error_column(trained, tmp_path):
     assert np.allclose(scored[["p1", "p2", "p3", "p4"]].to_numpy(), direct[["p1", "p2", "p3", "p4"]].to_numpy(),
                        atol=1e-5)
     assert not list(dst.parent.glob(".*tmp*"))  # nothing half-written left behind
+
+
+def test_evaluate_command_reads_a_registered_model(trained, shared_data, monkeypatch):
+    from pipelines.relevance.evaluation import evaluate_model
+
+    root, _, results = trained
+    monkeypatch.setenv("SEARCHREL_ROOT", str(root))
+    name = results["register"].summary["model_name"]
+    metrics = evaluate_model(f"models:/{name}@{CHALLENGER}", "crowdflower",
+                             shared_data / "crowdflower_search_relevance", "test", "tiny",
+                             ["prepare.max_queries=30", "evaluate.max_examples=64"])
+    assert metrics["n"] == 64 and 0 <= metrics["macro_f1"] <= 1
+    assert metrics["model"].endswith("artifacts/model")

@@ -2,6 +2,7 @@
 
 import json
 
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -55,3 +56,18 @@ def test_tiny_profile_end_to_end(root, shared_data, ray_local):
         assert (stage2[stage].path / "model" / "model.safetensors").exists()
     assert [r["model"] for r in ablation_rows(root, "e2e")][-2:] == ["+ DPO", "+ GRPO"]
 
+    # The report: the pass@k curve of the sample stage and the test hallucination rate of SFT, DPO and GRPO.
+    from pipelines.relevance.report import hallucination_rows, pass_at_k_rows
+
+    text = write_report(root, "e2e")[0].read_text()
+    assert "## pass@k" in text and "## Discriminative hallucination" in text
+    assert [r["pass@k"] for r in pass_at_k_rows(root, "e2e")] == pytest.approx(values, abs=1e-4)
+    table = {r["model / responses"].split(":")[0]: r for r in hallucination_rows(root, "e2e")}
+    n_test = len(pd.read_parquet(results["evaluate"].path / "test_predictions.parquet"))
+    for label, result in (("SFT, post-CoT", results["evaluate"]), ("+ DPO", stage2["evaluate_dpo"]),
+                          ("+ GRPO", stage2["evaluate_grpo"])):
+        h = result.summary["hallucination"]
+        assert h["samples"] == min(200, n_test) and h["judged"] <= h["parsable"] <= h["samples"]
+        assert h["rate"] == (h["hallucinated"] / h["judged"] if h["judged"] else 0.0)
+        assert table[label]["judged"] == h["judged"]
+        assert table[label]["rate"] == (pytest.approx(h["rate"], abs=1e-4) if h["judged"] else "")  # "": none judged

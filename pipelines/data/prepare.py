@@ -9,9 +9,10 @@ from typing import Any
 from pipelines.config import load_stage_config
 from pipelines.data.relevance import DATASETS as RELEVANCE_DATASETS
 from pipelines.data.relevance import PrepareConfig, prepare_relevance
+from pipelines.preranking.synthetic import SyntheticConfig
 from pipelines.stage import StageContext, StageResult, file_digest, run_stage
 
-CLICK_DATASETS = ("movielens", "criteo", "avazu")
+CLICK_DATASETS = ("movielens", "criteo", "avazu", "synthetic")  # synthetic: generated, needs no path
 
 
 @dataclass
@@ -21,6 +22,9 @@ class ClickPrepareConfig:
     seed: int = field(default=0, metadata={"help": "Seed recorded with the data (the splits are rule-based)."})
     min_count: int = field(
         default=2, metadata={"help": "Categorical values seen fewer times in train map to the out-of-vocabulary id."}
+    )
+    synthetic: SyntheticConfig = field(
+        default_factory=SyntheticConfig, metadata={"help": "Generator settings for --dataset synthetic."}
     )
 
 
@@ -51,7 +55,7 @@ def _log_splits(ctx: StageContext, dataset: str) -> None:
 def run_prepare(
     *,
     dataset: str,
-    path: Path,
+    path: Path | None,
     run_key: str,
     root: Path,
     profile: str | None = None,
@@ -60,10 +64,16 @@ def run_prepare(
 ) -> StageResult:
     config = prepare_config(dataset, profile, overrides)
     pipeline = pipeline_of(dataset)
+    if path is None and dataset != "synthetic":
+        raise ValueError(f"prepare --dataset {dataset} needs --path to its files (only synthetic needs none)")
 
     def body(ctx: StageContext) -> dict[str, Any]:
         if pipeline == "taosr1":
             summary = prepare_relevance(dataset, path, ctx.work_dir, config)
+        elif dataset == "synthetic":
+            from pipelines.preranking.synthetic import generate_synthetic
+
+            summary = generate_synthetic(config.synthetic, ctx.work_dir, seed=config.seed, min_count=config.min_count)
         else:
             from pipelines.data.clicks import prepare_clicks
 
@@ -75,7 +85,7 @@ def run_prepare(
         return summary
 
     return run_stage(root=root, pipeline=pipeline, run_key=run_key, stage="prepare", config=config,
-                     inputs={"source": Path(path)}, body=body, force=force)
+                     inputs={} if dataset == "synthetic" else {"source": Path(path)}, body=body, force=force)
 
 
 def summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:

@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipelines.relevance.dpo import _progress, copy_card, read_card
+from pipelines.relevance.dpo import _progress, copy_card
 from pipelines.relevance.losses import (
     ADVANTAGE_SCALES,
     GRPO_LOSS_TYPES,
@@ -49,8 +49,10 @@ from pipelines.relevance.losses import (
     grpo_loss,
     keep_by_correct_count,
     keep_by_reward_std,
+    response_logps,
     sequence_logps,
 )
+from pipelines.relevance.sampling import read_model_card
 from pipelines.relevance.sft import (
     LoraSettings,
     _rng_state,
@@ -315,60 +317,44 @@ def dynamic_sampling(
     return kept[:target_groups], stats
 
 
-@torch.no_grad()
 def sample_completions(model, prompt_ids: Sequence[Sequence[int]], group_size: int, *, pad_id: int, eos_id: int,
                        max_new_tokens: int, temperature: float, top_k: int, top_p: float, batch_size: int,
                        seed: int) -> list[list[list[int]]]:
-    """G sampled completions (token ids, cut after the first EOS) per prompt, by length-bucketed batches.
+    """G sampled completions (token ids, EOS appended when it was sampled) per prompt.
 
-    Seeded inside a forked RNG, so the same (weights, prompts, seed) give the same samples and the caller's
-    RNG stream is untouched.
+    The sample stage's `HFSampler`: each prompt's prefill runs once and its KV cache is shared by the G samples
+    (`generate(num_return_sequences=G)` would pay it G times), batches are bucketed by length, and sample s of
+    the i-th prompt draws from its own stream seeded by (seed, i, s), so the same (weights, prompts, seed) give
+    the same samples whatever the batching, and the caller's RNG stream is untouched.
     """
-    from pipelines.relevance.scoring import left_pad, length_batches
+    from types import SimpleNamespace
 
-    out: list[list[list[int]]] = [[] for _ in prompt_ids]
+    from pipelines.relevance.sampling import HFSampler, SampleConfig
+
     was_training = model.training
-    model.eval()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for rows in length_batches([len(p) for p in prompt_ids], batch_size):
-            input_ids, mask, _ = left_pad([prompt_ids[i] for i in rows], pad_id)
-            device = next(model.parameters()).device
-            generated = model.generate(
-                input_ids=input_ids.to(device), attention_mask=mask.to(device), do_sample=True,
-                temperature=temperature, top_k=top_k or None, top_p=top_p, max_new_tokens=max_new_tokens,
-                num_return_sequences=group_size, pad_token_id=pad_id, eos_token_id=eos_id,
-            )[:, input_ids.shape[1]:].cpu().tolist()
-            for j, i in enumerate(rows):
-                for seq in generated[j * group_size:(j + 1) * group_size]:
-                    out[i].append(seq[:seq.index(eos_id) + 1] if eos_id in seq else seq)
-    model.train(was_training)
-    return out
+    config = SampleConfig(num_samples=group_size, temperature=temperature, top_k=top_k, top_p=top_p,
+                          max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+    sampler = HFSampler(model, SimpleNamespace(pad_token_id=pad_id, eos_token_id=eos_id), config)
+    # Stop at the tokenizer's EOS only: it is the token appended below, and the one the policy is trained on.
+    sampler.eos = torch.tensor([eos_id], device=sampler.device)
+    try:
+        samples = sampler.sample_ids(prompt_ids, group_size)
+    finally:
+        model.train(was_training)
+    return [[ids + [eos_id] if ended else ids for ids, ended in per] for per in samples]
 
 
 def sampling_seed(seed: int, step: int, round_: int) -> int:
     return int(np.random.SeedSequence([seed, step, round_]).generate_state(1)[0])
 
 
-class _LogitsTap:
-    """Calls the model and keeps its logits, so `sequence_logps` also yields the token entropy."""
-
-    def __init__(self, model):
-        self.model, self.logits = model, None
-
-    def __call__(self, **kwargs):
-        out = self.model(**kwargs)
-        self.logits = out.logits
-        return out
-
-
-def token_entropy(logits: torch.Tensor, mask: torch.Tensor, temperature: float) -> tuple[float, float]:
-    """(sum, count) of the entropy of the sampling distribution at the masked positions (logits [B, T-1, V])."""
+def token_entropy(logits: torch.Tensor) -> tuple[float, float]:
+    """(sum, count) of the entropy of the sampling distribution at the response positions (`response_logps`'s
+    logits [N, V], already divided by the temperature)."""
     with torch.no_grad():
-        z = logits.float() / temperature
+        z = logits.float()
         entropy = torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
-        m = mask.to(entropy.dtype)
-        return float((entropy * m).sum()), float(m.sum())
+        return float(entropy.sum()), float(entropy.numel())
 
 
 # ------------------------------------------------------------------------------------------------ the update
@@ -438,9 +424,8 @@ def update_policy(engine, minis: list[dict[str, Any]], config: GRPOConfig, world
         micros = mini["micros"]
         for j, m in enumerate(micros):
             mask = m["loss_mask"].to(device)
-            tap = _LogitsTap(engine)
-            _, new = sequence_logps(tap, m["input_ids"].to(device), m["attention_mask"].to(device),
-                                    mask, c.temperature)
+            new, logits = response_logps(engine, m["input_ids"].to(device), m["attention_mask"].to(device),
+                                         mask, c.temperature)
             shifted = mask[:, 1:]
             loss, parts = grpo_loss(new, m["old"], m["ref"], m["advantages"].to(device), shifted,
                                     epsilon_low=c.epsilon_low, epsilon_high=c.epsilon_high, beta_kl=c.beta_kl,
@@ -453,7 +438,7 @@ def update_policy(engine, minis: list[dict[str, Any]], config: GRPOConfig, world
             engine.backward(loss, scale_wrt_gas=False)
             engine.step()
             n = float(shifted.sum())
-            e_sum, e_n = token_entropy(tap.logits[:, :-1], shifted, c.temperature)
+            e_sum, e_n = token_entropy(logits)
             ent_sum, ent_n, tokens = ent_sum + e_sum, ent_n + e_n, tokens + n
             loss_sum += float(loss.detach())
             for key, value in parts.items():
@@ -699,7 +684,7 @@ def run_grpo(
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     if config.max_train_examples and len(train_rows) > config.max_train_examples:
         train_rows = train_rows.sample(n=config.max_train_examples, random_state=config.seed)
-    card = read_card(start_model_dir)
+    card = read_model_card(start_model_dir)
     tokenizer = _load_tokenizer(start_model_dir)
     table, pool, pool_stats = build_prompt_pool(train_rows, tokenizer, card, config)
     prompts_path = checkpoint_dir / PROMPTS_FILE

@@ -36,6 +36,46 @@ STD_EPS = 1e-4  # added to the reward std before dividing, as TRL does
 # ------------------------------------------------------------------------------------------- log-probs
 
 
+def _causal_lm_parts(model):
+    """(decoder, lm_head) of a plain causal LM, through a DeepSpeed engine and a peft wrapper; None otherwise."""
+    module = getattr(model, "module", model)  # DeepSpeed engine -> the wrapped module
+    if hasattr(module, "get_base_model"):  # peft; a disabled adapter stays disabled in the base model's layers
+        module = module.get_base_model()
+    decoder, head = getattr(module, "model", None), getattr(module, "lm_head", None)
+    config = getattr(module, "config", None)
+    if not callable(decoder) or not callable(head) or getattr(config, "final_logit_softcapping", None):
+        return None
+    return decoder, head
+
+
+def response_logps(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(token_logps [B, T-1], logits [N, V])``: :func:`sequence_logps`'s per-token log-probs, and the float32
+    logits (divided by ``temperature``) at the N masked target positions, in row-major order.
+
+    The output layer runs at the masked positions only when the model exposes its decoder and ``lm_head``:
+    prompts are most of every sequence, and on a 49k-token vocabulary the prompt logits would cost a fifth of
+    the forward FLOPs and most of its activation memory. Other callables get one full forward pass.
+    """
+    keep = loss_mask[:, 1:].bool()
+    parts = _causal_lm_parts(model)
+    if parts is not None and bool(keep.any()):  # an all-masked (dummy) batch keeps every parameter in the graph
+        decoder, head = parts
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        logits = head(hidden[:, :-1][keep]).float()
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+        logits = logits.float()[keep]  # an empty selection still backpropagates (zeros) into every parameter
+    if temperature != 1.0:
+        logits = logits / temperature
+    targets = input_ids[:, 1:][keep]
+    # log_softmax gathered at the target = logit[target] - logsumexp(logits), without an [N, V] log-softmax copy
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    token_logps = torch.zeros(keep.shape, dtype=picked.dtype, device=picked.device).masked_scatter(keep, picked)
+    return token_logps, logits
+
+
 def sequence_logps(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,16 +87,10 @@ def sequence_logps(
 
     Returns ``(sum_logps [B], token_logps [B, T-1])``: ``sum_logps = sum_t token_logps[:, t]``, the sequence
     log-probability of the response. Computed in float32 whatever the model dtype. ``temperature`` divides the
-    logits (TRL's GRPOTrainer does this with its sampling temperature).
+    logits (TRL's GRPOTrainer does this with its sampling temperature). The output layer runs at the response
+    positions only (:func:`response_logps`).
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    targets = input_ids[:, 1:]
-    # log_softmax gathered at the target = logit[target] - logsumexp(logits), without a [B, T, V] log-softmax copy
-    token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    mask = loss_mask[:, 1:].to(token_logps.dtype)
-    token_logps = token_logps * mask
+    token_logps, _ = response_logps(model, input_ids, attention_mask, loss_mask, temperature)
     return token_logps.sum(dim=1), token_logps
 
 

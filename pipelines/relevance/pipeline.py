@@ -2,6 +2,7 @@
 
     prepare -> rationales -> baselines -> sft -> evaluate   (+ the ablation: no-CoT and pre-CoT SFT)
     sft -> sample -> dpo_pairs -> dpo -> evaluate_dpo -> grpo -> evaluate_grpo   (stages 2 and 3)
+    register -> promote   (the last trained model, its alias `challenger`, the gate to `champion`)
 
 `run_taosr1` runs a chosen list of stages in-process (the CLI's `searchrel run taosr1`); the Airflow DAG runs
 the same stage functions one per Ray job through `python -m ray_jobs.<stage>`.
@@ -23,10 +24,12 @@ PIPELINE = "taosr1"
 STAGES = ("prepare", "rationales", "baselines", "sft", "evaluate")
 ABLATION = ("sft_no_cot", "evaluate_no_cot", "sft_pre_cot", "evaluate_pre_cot")
 STAGE2 = ("sample", "dpo_pairs", "dpo", "evaluate_dpo", "grpo", "evaluate_grpo")
+RELEASE = ("register", "promote")
 # Which trained model each evaluate stage scores.
 EVALUATED_MODEL = {"evaluate": "sft", "evaluate_no_cot": "sft_no_cot", "evaluate_pre_cot": "sft_pre_cot",
                    "evaluate_dpo": "dpo", "evaluate_grpo": "grpo"}
-ALL_STAGES = STAGES + ABLATION + STAGE2
+ALL_STAGES = STAGES + ABLATION + STAGE2 + RELEASE
+TRAINED_MODELS = ("grpo", "dpo", "sft")  # register's `auto` takes the first of these that has run
 VARIANT_STYLE = {"": "post_cot", "_no_cot": "no_cot", "_pre_cot": "pre_cot"}
 
 
@@ -39,7 +42,11 @@ class EvaluateConfig:
                                                               "with AMX; check accuracy holds)."})
     max_length: int = field(default=512, metadata={"help": "Longest prompt in tokens (longer keep their end)."})
     max_examples: int = field(default=0, metadata={"help": "Seeded subsample of val and test pairs; 0 = all."})
-    max_new_tokens: int = field(default=96, metadata={"help": "pre-CoT only: tokens decoded to reach the label."})
+    max_new_tokens: int = field(default=96, metadata={"help": "Tokens decoded per response (pre-CoT scoring, and the "
+                                                              "hallucination rate's responses)."})
+    hallucination_examples: int = field(
+        default=200, metadata={"help": "Test pairs whose greedy responses measure the discriminative hallucination "
+                               "rate (CoT models only); 0 = off, < 0 = all."})
     ndcg_k: int = field(default=10, metadata={"help": "Cut-off of the per-query nDCG."})
     seed: int = field(default=0, metadata={"help": "Seed of the subsample."})
 
@@ -67,7 +74,6 @@ def _variant(stage: str) -> str:
 def stage_config(stage: str, spec: RunSpec):
     """The typed config of a stage; ablation stages reuse the `sft`/`evaluate` sections with their style."""
     from pipelines.data.prepare import prepare_config
-    from pipelines.relevance.sft import SFTConfig
 
     base = stage.removesuffix(_variant(stage))
     if base == "prepare":
@@ -81,6 +87,8 @@ def stage_config(stage: str, spec: RunSpec):
 
         return load_stage_config(BaselinesConfig, PIPELINE, "baselines", spec.profile, spec.overrides)
     if base == "sft":
+        from pipelines.relevance.sft import SFTConfig  # imports torch and deepspeed: only when needed
+
         cfg = load_stage_config(SFTConfig, PIPELINE, "sft", spec.profile, spec.overrides)
         return replace(cfg, response_style=VARIANT_STYLE[_variant(stage)]) if _variant(stage) else cfg
     if base == "evaluate" or stage in EVALUATED_MODEL:
@@ -93,6 +101,14 @@ def stage_config(stage: str, spec: RunSpec):
         from pipelines.relevance.grpo import GRPOConfig
 
         return load_stage_config(GRPOConfig, PIPELINE, "grpo", spec.profile, spec.overrides)
+    if stage == "register":
+        from pipelines.relevance.promotion import RegisterConfig
+
+        return load_stage_config(RegisterConfig, PIPELINE, "register", spec.profile, spec.overrides)
+    if stage == "promote":
+        from pipelines.relevance.promotion import PromoteConfig
+
+        return load_stage_config(PromoteConfig, PIPELINE, "promote", spec.profile, spec.overrides)
     if base in ("sample", "dpo_pairs"):
         from pipelines.relevance.sampling import SampleConfig
 
@@ -194,8 +210,16 @@ def evaluate(spec: RunSpec, stage: str = "evaluate") -> StageResult:
             frame[["p1", "p2", "p3", "p4"]] = probs[split]
             frame.to_parquet(ctx.work_dir / f"{split}_predictions.parquet", index=False)
         (ctx.work_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        hallucination = None
+        if style != "no_cot" and cfg.hallucination_examples:
+            import mlflow
+
+            from pipelines.relevance.sampling import decoded_hallucination
+
+            hallucination = decoded_hallucination(ctx.inputs["model"] / "model", splits["test"], cfg, style)
+            mlflow.log_metric(f"{name}.test.hallucination_rate", hallucination["rate"])
         return {"test": metrics["test"], "tiers": metrics.get("tiers", {}), "style": style,
-                "malformed": probs.get("malformed", 0)}
+                "malformed": probs.get("malformed", 0), "hallucination": hallucination}
 
     return _stage(spec, stage, {"prepare": _dir(spec, "prepare"), "model": _dir(spec, sft_stage)}, body)
 
@@ -324,6 +348,85 @@ def grpo(spec: RunSpec) -> StageResult:
     return _trainer_stage(spec, "grpo", {"rationales": _dir(spec, "rationales"), "model": _dir(spec, "dpo")}, train)
 
 
+def _registered_stage(spec: RunSpec, choice: str) -> str:
+    if choice != "auto":
+        if choice not in TRAINED_MODELS:
+            raise ValueError(f"register.model_stage must be auto or one of {TRAINED_MODELS}, not {choice!r}")
+        return choice
+    from pipelines.stage import stage_dir
+
+    for stage in TRAINED_MODELS:
+        if (stage_dir(spec.root, PIPELINE, spec.run_key, stage) / "manifest.json").exists():
+            return stage
+    raise FileNotFoundError(f"run {spec.run_key!r} has no trained model yet; run sft first")
+
+
+def register(spec: RunSpec) -> StageResult:
+    from pipelines.relevance.promotion import register_version
+    from pipelines.relevance.serving import ServingSettings
+
+    model_stage = _registered_stage(spec, stage_config("register", spec).model_stage)
+    evaluation = {model: stage for stage, model in EVALUATED_MODEL.items()}[model_stage]
+
+    def body(ctx: StageContext) -> dict[str, Any]:
+        from pipelines.stage import path_digest
+
+        cfg = ctx.config
+        metrics = json.loads((ctx.inputs["evaluation"] / "metrics.json").read_text())
+        beta = float(metrics.get("tiers", {}).get("cumpt", {}).get("beta", 0.5))
+        settings = ServingSettings(beta=beta, max_query_chars=cfg.max_query_chars,
+                                   max_title_chars=cfg.max_title_chars, batch_size=cfg.batch_size, dtype=cfg.dtype)
+        test = metrics["test"]
+        tags = {"searchrel.dataset_digest": path_digest(ctx.inputs["prepare"]), "searchrel.model_stage": model_stage,
+                "searchrel.test.macro_f1": f"{test['macro_f1']:.6f}", "searchrel.test.accuracy": f"{test['accuracy']:.6f}",
+                **{f"searchrel.test.f1_level_{k}": f"{v:.6f}" for k, v in test["f1_per_level"].items()}}
+        version = register_version(ctx.inputs["model"] / "model", settings, name=cfg.model_name, run_key=spec.run_key,
+                                   source_digest=path_digest(ctx.inputs["model"]), tags=tags)
+        summary = {"model_name": cfg.model_name, "version": version, "model_stage": model_stage,
+                   "uri": f"models:/{cfg.model_name}/{version}", "beta": beta}
+        (ctx.work_dir / "registered.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    return _stage(spec, "register", {"prepare": _dir(spec, "prepare"), "model": _dir(spec, model_stage),
+                                     "evaluation": _dir(spec, evaluation)}, body)
+
+
+def promote(spec: RunSpec) -> StageResult:
+    from pipelines.relevance.promotion import promote as run_gate
+
+    def body(ctx: StageContext) -> dict[str, Any]:
+        import mlflow
+
+        from pipelines.stage import path_digest
+
+        cfg = ctx.config
+        if cfg.eval_split not in ("test", "val"):
+            raise ValueError(f"promote.eval_split must be test or val, not {cfg.eval_split!r}")
+        splits = _read_splits(ctx.inputs["prepare"])
+        rows = splits[cfg.eval_split]
+        if cfg.max_examples:
+            rows = rows.sample(n=min(len(rows), cfg.max_examples), random_state=cfg.seed).sort_index()
+        registered = json.loads((ctx.inputs["register"] / "registered.json").read_text())
+        if registered["model_name"] != cfg.model_name:
+            raise ValueError(f"register used model name {registered['model_name']!r} but promote.model_name is "
+                             f"{cfg.model_name!r}; set both to the same name")
+        digest = f"{path_digest(ctx.inputs['prepare'])}:{cfg.eval_split}:{cfg.max_examples}:{cfg.seed}"
+        decision = run_gate(ctx.root, cfg.model_name, registered["version"], rows, splits["train"], cfg, digest)
+        for side in ("challenger", "champion", "baseline"):
+            values = getattr(decision, f"{side}_metrics")
+            if values:
+                mlflow.log_metrics({f"{side}.macro_f1": values["macro_f1"], f"{side}.accuracy": values["accuracy"],
+                                    **{f"{side}.f1_level_{k}": v for k, v in values["f1_per_level"].items()}})
+        mlflow.set_tags({"searchrel.decision": "promoted" if decision.promoted else "kept",
+                         "searchrel.decision_reason": decision.reason})
+        mlflow.log_dict(decision.as_dict(), "decision.json")
+        (ctx.work_dir / "decision.json").write_text(json.dumps(decision.as_dict(), indent=2, default=str))
+        return {"promoted": decision.promoted, "reason": decision.reason, "challenger": decision.challenger_version,
+                "champion_before": decision.champion_version}
+
+    return _stage(spec, "promote", {"prepare": _dir(spec, "prepare"), "register": _dir(spec, "register")}, body)
+
+
 STAGE_FUNCTIONS = {
     "prepare": prepare, "rationales": rationales, "baselines": baselines, "sft": sft, "evaluate": evaluate,
     "sft_no_cot": lambda spec: sft(spec, "sft_no_cot"), "sft_pre_cot": lambda spec: sft(spec, "sft_pre_cot"),
@@ -332,6 +435,7 @@ STAGE_FUNCTIONS = {
     "sample": sample, "dpo_pairs": dpo_pairs, "dpo": dpo, "grpo": grpo,
     "evaluate_dpo": lambda spec: evaluate(spec, "evaluate_dpo"),
     "evaluate_grpo": lambda spec: evaluate(spec, "evaluate_grpo"),
+    "register": register, "promote": promote,
 }
 
 
@@ -341,7 +445,8 @@ def resolve_stages(names: list[str] | None) -> list[str]:
         return list(STAGES)
     wanted: list[str] = []
     for name in names:
-        expanded = {"all": ALL_STAGES, "ablation": ABLATION, "main": STAGES, "stage2": STAGE2}.get(name, (name,))
+        groups = {"all": ALL_STAGES, "ablation": ABLATION, "main": STAGES, "stage2": STAGE2, "release": RELEASE}
+        expanded = groups.get(name, (name,))
         for stage in expanded:
             if stage not in STAGE_FUNCTIONS:
                 raise ValueError(f"unknown stage {stage!r}; stages are: {', '.join(ALL_STAGES)} (or all, ablation)")
@@ -351,7 +456,7 @@ def resolve_stages(names: list[str] | None) -> list[str]:
 
 def run_taosr1(spec: RunSpec, stages: list[str] | None = None) -> dict[str, StageResult]:
     check_override_stages(spec.overrides, {"prepare", "rationales", "baselines", "sft", "evaluate", "sample",
-                                           "dpo", "grpo"})
+                                           "dpo", "grpo", "register", "promote"})
     results = {}
     for stage in resolve_stages(stages):
         results[stage] = STAGE_FUNCTIONS[stage](spec)

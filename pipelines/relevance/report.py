@@ -1,4 +1,5 @@
-"""The TaoSR1 ablation table: baselines and each SFT variant on the same test split, from stage manifests."""
+"""The TaoSR1 report, from stage manifests: the ablation table (baselines, each SFT variant, + DPO, + GRPO on the
+same test split), the pass@k curve of the SFT model's samples, and the discriminative hallucination rate."""
 
 from __future__ import annotations
 
@@ -20,14 +21,33 @@ ROWS = (  # (row label, stage, key in the stage summary or None for the stage's 
 )
 
 
-def _row(label: str, test: dict[str, Any], tiers: dict[str, Any] | None) -> dict[str, Any]:
+HALLUCINATION_ROWS = (  # the CoT models whose evaluate stage measures the hallucination rate on test
+    ("SFT, pre-CoT", "evaluate_pre_cot"),
+    ("SFT, post-CoT", "evaluate"),
+    ("+ DPO", "evaluate_dpo"),
+    ("+ GRPO", "evaluate_grpo"),
+)
+
+
+def _round(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 4) if isinstance(v, float) else ("" if v is None else v) for k, v in row.items()}
+
+
+def _row(label: str, test: dict[str, Any], tiers: dict[str, Any] | None,
+         hallucination: dict[str, Any] | None = None) -> dict[str, Any]:
     f1 = test.get("f1_per_level", {})
     row = {"model": label, "accuracy": test.get("accuracy"), "macro_f1": test.get("macro_f1"),
            "qwk": test.get("qwk"), **{f"F1 L{k}": f1.get(str(k)) for k in (4, 3, 2, 1)},
            "nDCG@10": test.get("ndcg_at_10"),
            "tier F1 CumPT": (tiers or {}).get("cumpt", {}).get("test_macro_f1"),
-           "tier F1 thresholds": (tiers or {}).get("thresholds", {}).get("test_macro_f1")}
-    return {k: round(v, 4) if isinstance(v, float) else ("" if v is None else v) for k, v in row.items()}
+           "tier F1 thresholds": (tiers or {}).get("thresholds", {}).get("test_macro_f1"),
+           "halluc. rate": _rate(hallucination)}
+    return _round(row)
+
+
+def _rate(hallucination: dict[str, Any] | None) -> float | None:
+    """The hallucination rate, or None (shown empty) when no response could be judged."""
+    return hallucination["rate"] if hallucination and hallucination.get("judged") else None
 
 
 def ablation_rows(root: Path, run_key: str) -> list[dict[str, Any]]:
@@ -42,11 +62,40 @@ def ablation_rows(root: Path, run_key: str) -> list[dict[str, Any]]:
             if key in summary:
                 rows.append(_row(label, summary[key]["test"], summary[key].get("tiers")))
         else:
-            rows.append(_row(label, summary["test"], summary.get("tiers")))
+            rows.append(_row(label, summary["test"], summary.get("tiers"), summary.get("hallucination")))
     return rows
 
 
-def write_report(root: Path, run_key: str) -> tuple[Path, list[dict[str, Any]]]:
+def pass_at_k_rows(root: Path, run_key: str) -> list[dict[str, Any]]:
+    """pass@k for k = 1..N on the sampled training prompts (the sample stage's summary); [] before it ran."""
+    manifest = read_manifest(run_dir(root, PIPELINE, run_key) / "sample")
+    if manifest is None:
+        return []
+    curve = manifest["summary"]["pass_at_k"]
+    return [_round({"k": int(k), "pass@k": float(curve[k])}) for k in sorted(curve, key=int)]
+
+
+def hallucination_rows(root: Path, run_key: str) -> list[dict[str, Any]]:
+    """Discriminative hallucination (the rationale argues for another level than the response's label) of each
+    CoT model's greedy responses on test, plus the SFT model's samples on training prompts when sampled."""
+    base = run_dir(root, PIPELINE, run_key)
+    found = []
+    for label, stage in HALLUCINATION_ROWS:
+        manifest = read_manifest(base / stage)
+        h = manifest["summary"].get("hallucination") if manifest else None
+        if h:
+            found.append((f"{label}: test, greedy", h))
+    sample = read_manifest(base / "sample")
+    if sample and sample["summary"].get("hallucination"):
+        found.append((f"SFT, post-CoT: train prompts, {sample['summary']['num_samples']} samples each",
+                      sample["summary"]["hallucination"]))
+    return [_round({"model / responses": label, "responses": h["samples"], "label parsed": h["parsable"],
+                    "judged": h["judged"], "hallucinated": h["hallucinated"], "rate": _rate(h),
+                    "wrong label, sound rationale": h["wrong_label_sound_rationale"]}) for label, h in found]
+
+
+def render_report(root: Path, run_key: str) -> tuple[str, list[dict[str, Any]]]:
+    """The report's Markdown and its ablation rows."""
     from tabulate import tabulate
 
     rows = ablation_rows(root, run_key)
@@ -54,6 +103,21 @@ def write_report(root: Path, run_key: str) -> tuple[Path, list[dict[str, Any]]]:
         raise FileNotFoundError(f"run {run_key!r} under {root} has no evaluated stages yet")
     text = f"# TaoSR1 ablation, run `{run_key}` (test split)\n\n" + tabulate(rows, headers="keys",
                                                                             tablefmt="github") + "\n"
+    curve = pass_at_k_rows(root, run_key)
+    if curve:
+        text += ("\n## pass@k of the SFT model on training prompts\n\nUnbiased estimator over N samples per prompt "
+                 "(sample stage).\n\n" + tabulate(curve, headers="keys", tablefmt="github") + "\n")
+    hallucination = hallucination_rows(root, run_key)
+    if hallucination:
+        text += ("\n## Discriminative hallucination\n\nShare of the judged responses (label parsed, and a judgment "
+                 "step the rule base can read) whose rationale argues for another level than their own label; "
+                 "empty when no response could be judged.\n\n"
+                 + tabulate(hallucination, headers="keys", tablefmt="github") + "\n")
+    return text, rows
+
+
+def write_report(root: Path, run_key: str) -> tuple[Path, list[dict[str, Any]]]:
+    text, rows = render_report(root, run_key)
     path = run_dir(root, PIPELINE, run_key) / "report.md"
     path.write_text(text)
     import mlflow

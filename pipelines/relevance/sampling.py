@@ -155,21 +155,33 @@ class HFSampler:
         return self.generate_detailed(prompts, n, keys).texts
 
     def generate_detailed(self, prompts: Sequence[str], n: int, keys: Sequence[int] | None = None) -> Generation:
-        from pipelines.relevance.scoring import length_batches, tokenize_prompts
+        from pipelines.relevance.scoring import tokenize_prompts
 
-        keys = list(range(len(prompts))) if keys is None else [int(k) for k in keys]
-        if len(keys) != len(prompts):
+        if keys is not None and len(keys) != len(prompts):
             raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
         token_ids = tokenize_prompts(self.tokenizer, prompts, self.config.max_prompt_tokens)
+        samples = self.sample_ids(token_ids, n, keys)
         out = Generation([[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts])
+        for i, per in enumerate(samples):
+            out.texts[i] = self.tokenizer.batch_decode([ids for ids, _ in per], skip_special_tokens=True)
+            out.finished[i] = [ended for _, ended in per]
+            out.new_tokens[i] = [len(ids) + ended for ids, ended in per]  # EOS counts as decoded
+        return out
+
+    def sample_ids(self, token_ids: Sequence[Sequence[int]], n: int,
+                   keys: Sequence[int] | None = None) -> list[list[tuple[list[int], bool]]]:
+        """Per tokenized prompt, its `n` samples as (token ids without EOS, ended with EOS), by length-bucketed
+        batches of `batch_size` prompts."""
+        from pipelines.relevance.scoring import length_batches
+
+        keys = list(range(len(token_ids))) if keys is None else [int(k) for k in keys]
+        if len(keys) != len(token_ids):
+            raise ValueError(f"{len(keys)} keys for {len(token_ids)} prompts")
+        out: list[list[tuple[list[int], bool]]] = [[] for _ in token_ids]
         for batch in length_batches([len(t) for t in token_ids], self.config.batch_size):
-            rows = self._sample_batch([token_ids[i] for i in batch], n, [keys[i] for i in batch])
-            texts = self.tokenizer.batch_decode([ids for ids, _ in rows], skip_special_tokens=True)
+            rows = self._sample_batch([list(token_ids[i]) for i in batch], n, [keys[i] for i in batch])
             for j, i in enumerate(batch):
-                span = range(j * n, (j + 1) * n)
-                out.texts[i] = [texts[r] for r in span]
-                out.finished[i] = [rows[r][1] for r in span]
-                out.new_tokens[i] = [len(rows[r][0]) + rows[r][1] for r in span]  # EOS counts as decoded
+                out[i] = rows[j * n:(j + 1) * n]
         return out
 
     @torch.inference_mode()
@@ -361,6 +373,39 @@ def hallucination_rate(samples: pd.DataFrame, rulebase=None) -> dict[str, Any]:
         "rate": hallucinated / int(judged.sum()) if judged.any() else 0.0,
         "wrong_label_sound_rationale": int(((a == gold) & (p != gold)).sum()),
     }
+
+
+def decoded_hallucination(model_dir: str | Path, rows: pd.DataFrame, config, style: str | None = None,
+                          rulebase=None) -> dict[str, Any]:
+    """:func:`hallucination_rate` of the model's own greedy responses to judgments `rows` (e.g. the test split).
+
+    A seeded subsample of `config.hallucination_examples` rows (all when 0 or fewer) is prompted as the model was
+    trained (its card) and decoded greedily (top-k 1; EOS ends a response) for up to `config.max_new_tokens`
+    tokens, `config.batch_size` prompts at a time, in `config.dtype`, prompts cut to `config.max_length` tokens.
+    Greedy is the response the model would give; its label is read in `style` (default: the card's).
+    """
+    from pipelines.relevance.models import load_model
+    from pipelines.relevance.prompts import build_prompt
+
+    card = read_model_card(model_dir)
+    style = style or card.get("response_style", DEFAULT_STYLE)
+    n = config.hallucination_examples
+    if 0 < n < len(rows):
+        rows = rows.sample(n=n, random_state=config.seed).sort_index()
+    model, tokenizer = load_model(model_dir, config.dtype)
+    descriptions = rows["description"].fillna("") if "description" in rows else [""] * len(rows)
+    prompts = [build_prompt(tokenizer, str(q), str(t), str(d), card.get("max_description_chars", 300),
+                            card.get("include_instruction", True))
+               for q, t, d in zip(rows["query"], rows["title"], descriptions, strict=True)]
+    greedy = HFSampler(model, tokenizer, SampleConfig(num_samples=1, top_k=1, max_new_tokens=config.max_new_tokens,
+                                                      batch_size=config.batch_size,
+                                                      max_prompt_tokens=config.max_length))
+    start = time.perf_counter()
+    texts = [per[0] for per in greedy.generate(prompts, 1)] if prompts else []
+    labelled = label_samples(pd.DataFrame({"text": pd.Series(texts, dtype=object),
+                                           "label": rows["label"].astype(int).to_numpy()}), style, rulebase)
+    return {**hallucination_rate(labelled, rulebase), "decoding": "greedy", "style": style,
+            "seconds": round(time.perf_counter() - start, 3)}
 
 
 # ------------------------------------------------------------------------------------------------ DPO pairs

@@ -240,7 +240,7 @@ def deepspeed_config(config: SFTConfig, world_size: int) -> dict[str, Any]:
     ds["gradient_clipping"] = config.gradient_clipping  # 0 turns it off (DeepSpeed's own default is 1.0)
     if config.bf16:
         ds["bf16"] = {"enabled": True}
-    if config.deepspeed_config:
+    if getattr(config, "deepspeed_config", ""):  # DPOConfig / GRPOConfig have no such field
         ds = _merge_deepspeed_file(ds, config.deepspeed_config)
     return ds
 

@@ -1,0 +1,195 @@
+"""GRPO step time: searchrel's GRPO step against TRL's GRPOTrainer, same run, same settings.
+
+Same model weights, same CrowdFlower prompts, same group size G, prompts per step, new-token budget,
+temperature / top-k, micro-batch, learning rate, KL coefficient (a reference model in both), clip range and
+loss aggregation (dapo); one optimizer step per rollout batch in both (searchrel `mini_batches=1`; TRL
+`steps_per_generation` = its gradient accumulation). A step is: sample G completions per prompt, reward them
+(ordinal partial credit of the parsed label), reference log-probs, advantages, loss, backward, optimizer step.
+
+    .venv/bin/python -m bench.grpo --model tiny --steps 4
+    .venv/bin/python -m bench.grpo --model smollm2-135m --steps 2 --warmup 1 --group-size 4 --max-new-tokens 32
+
+searchrel's difficulty filter is switched off here (graded reward, keep a group when its reward spread exceeds
+-1, no refill rounds), so both trainers train on every group: the filter changes how much work a step does,
+which would make the times incomparable. searchrel runs its real step: `GRPOWorker.generate_batch` (the
+production rollout, rewards and dynamic-sampling code) then `plan_minibatches`, `add_logps`, `update_policy`,
+on a DeepSpeed engine in this process (no Ray Train, which would add only start-up time).
+
+TRL runs twice: with its defaults (activation checkpointing on) and without activation checkpointing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from pipelines.env import apply_defaults
+
+
+def grpo_settings(args) -> dict:
+    return {"steps": args.warmup + args.steps, "group_size": args.group_size, "prompts_per_step": args.prompts,
+            "generation_batch_size": args.prompts, "max_new_tokens": args.max_new_tokens,
+            "max_prompt_length": 4096, "temperature": 0.99, "top_k": 100, "micro_batch_size": args.micro_batch,
+            "mini_batches": 1, "learning_rate": args.lr, "beta_kl": args.beta, "epsilon_low": 0.2,
+            "epsilon_high": 0.28, "loss_type": "dapo", "advantage_scale": "group", "graded_reward": True,
+            "epsilon": -1.0, "max_refill_rounds": 0, "zero_stage": 2, "gradient_clipping": 1.0,
+            "cpus_per_worker": os.cpu_count(), "checkpoint_every": 0}
+
+
+def bench_ours(model_dir: Path, prompts: list[str], labels: list[int], args) -> dict:
+    import deepspeed
+    import numpy as np
+    import torch
+
+    from pipelines.config import build_config
+    from pipelines.relevance.grpo import (
+        GRPOConfig,
+        GRPOWorker,
+        PromptSampler,
+        add_logps,
+        plan_minibatches,
+        update_policy,
+    )
+    from pipelines.relevance.models import load_model
+    from pipelines.relevance.scoring import tokenize_prompts
+    from pipelines.relevance.sft import build_engine
+
+    c = build_config(GRPOConfig, "grpo", grpo_settings(args))
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29535")
+    deepspeed.init_distributed(dist_backend="gloo")
+    model, tokenizer = load_model(model_dir, "float32")
+    engine, scheduler, _ = build_engine(model, c, c.steps, world=1)
+    reference, _ = load_model(model_dir, "float32")
+    reference.eval().requires_grad_(False)
+
+    # The worker's state without its Ray Train set-up: the step below is GRPOWorker.fit's loop body.
+    w = GRPOWorker.__new__(GRPOWorker)
+    w.config, w.engine, w.reference, w.tokenizer, w.device = c, engine, reference, tokenizer, engine.device
+    w.rank, w.world, w.step, w.style = 0, 1, 0, "post_cot"
+    w.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    w.prompt_ids = tokenize_prompts(tokenizer, prompts, c.max_prompt_length)
+    w.gold = labels
+    w.sampler = PromptSampler(np.arange(len(prompts)), c.seed)
+    torch.manual_seed(0)
+    engine.train()
+    times, tokens = [], []
+    while w.step < c.steps:
+        t0 = time.perf_counter()
+        groups, metrics = w.generate_batch()
+        minis = plan_minibatches(groups, w.prompt_ids, c, 0, 1, w.pad_id)
+        add_logps(engine, reference, minis, c, w.device)
+        metrics |= update_policy(engine, minis, c, 1, w.device)
+        w.step += 1
+        if w.step > args.warmup:
+            times.append(time.perf_counter() - t0)
+            tokens.append(metrics["train/response_tokens"])
+    assert scheduler is not None
+    return {"step_s": statistics.median(times), "completion_tokens": float(np.mean(tokens))}
+
+
+def bench_trl(model_dir: Path, prompts: list[str], labels: list[int], args, gradient_checkpointing: bool | None):
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig as TRLConfig
+    from trl import GRPOTrainer
+
+    from pipelines.relevance.grpo import score_responses
+
+    def reward(completions, label, **kwargs):  # the same reward as searchrel's (graded, no format penalty)
+        return [float(score_responses([text], int(gold), "post_cot", True, 0.0)[0][0])
+                for text, gold in zip(completions, label, strict=True)]
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.times, self.start = [], None
+
+        def on_step_begin(self, targs, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, targs, state, control, **kw):
+            if state.global_step > args.warmup:
+                self.times.append(time.perf_counter() - self.start)
+
+    s = grpo_settings(args)
+    per_step = args.prompts * args.group_size
+    if per_step % args.micro_batch:
+        raise SystemExit(f"prompts x group size ({per_step}) must be a multiple of --micro-batch for TRL")
+    timer = Timer()
+    extra = {} if gradient_checkpointing is None else {"gradient_checkpointing": gradient_checkpointing}
+    data = Dataset.from_dict({"prompt": prompts, "label": labels})
+    with tempfile.TemporaryDirectory() as out:
+        targs = TRLConfig(output_dir=out, per_device_train_batch_size=args.micro_batch,
+                          gradient_accumulation_steps=per_step // args.micro_batch,
+                          num_generations=args.group_size, max_completion_length=args.max_new_tokens,
+                          temperature=s["temperature"], top_k=s["top_k"], top_p=1.0, beta=args.beta,
+                          epsilon=s["epsilon_low"], epsilon_high=s["epsilon_high"], loss_type="dapo",
+                          scale_rewards="group", num_iterations=1, max_steps=args.warmup + args.steps,
+                          learning_rate=args.lr, lr_scheduler_type="constant", max_grad_norm=1.0,
+                          use_cpu=True, bf16=False, report_to="none", save_strategy="no", logging_steps=10**6,
+                          dataloader_num_workers=0, seed=0, **extra)
+        trainer = GRPOTrainer(model=str(model_dir), reward_funcs=reward, args=targs, train_dataset=data,
+                              callbacks=[timer])
+        trainer.train()
+    return {"step_s": statistics.median(timer.times), "completion_tokens": float("nan")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", help="tiny or smollm2-135m")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--group-size", type=int, default=8, help="G")
+    parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--max-description-chars", type=int, default=150)
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--beta", type=float, default=0.02, help="KL coefficient (searchrel beta_kl, TRL beta)")
+    parser.add_argument("--only-ours", action="store_true", help="skip TRL (for profiling searchrel's step)")
+    args = parser.parse_args()
+    apply_defaults()
+    import torch
+
+    from bench.sft import load_pairs
+    from pipelines.relevance.models import ModelConfig, load_model_and_tokenizer, save_model
+    from pipelines.relevance.prompts import build_prompt
+
+    torch.set_num_threads(os.cpu_count())
+    rows = load_pairs(args.prompts * (args.warmup + args.steps))
+    base, tokenizer = load_model_and_tokenizer(ModelConfig(name=args.model),
+                                               list(rows["query"]) + list(rows["title"]) + list(rows["rationale"]))
+    prompts = [build_prompt(tokenizer, q, t, d, args.max_description_chars)
+               for q, t, d in zip(rows["query"], rows["title"], rows["description"], strict=True)]
+    labels = [int(v) for v in rows["label"]]
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = save_model(base, tokenizer, Path(tmp) / "model")
+        n_params = sum(p.numel() for p in base.parameters())
+        del base
+        results = {"searchrel (DeepSpeed, HFSampler)": bench_ours(model_dir, prompts, labels, args)}
+        if args.only_ours:
+            print(f"searchrel: {results['searchrel (DeepSpeed, HFSampler)']}")
+            return
+        results |= {
+            "TRL GRPOTrainer, defaults": bench_trl(model_dir, prompts, labels, args, None),
+            "TRL GRPOTrainer, no act. ckpt": bench_trl(model_dir, prompts, labels, args, False),
+        }
+    ours = results["searchrel (DeepSpeed, HFSampler)"]
+    print(f"\nGRPO step time, {args.model} ({n_params / 1e6:.2f}M params), G {args.group_size}, {args.prompts} prompts "
+          f"per step, max_new_tokens {args.max_new_tokens}, micro-batch {args.micro_batch}, KL beta {args.beta}, "
+          f"fp32, {torch.get_num_threads()} threads, median of {args.steps} steps after {args.warmup} warm-up")
+    print(f"searchrel: {ours['completion_tokens']:.0f} completion tokens per step on average")
+    print(f"{'trainer':<36} {'s/step':>8} {'TRL default / this':>19}")
+    trl = results["TRL GRPOTrainer, defaults"]["step_s"]
+    for name, r in results.items():
+        print(f"{name:<36} {r['step_s']:>8.2f} {trl / r['step_s']:>18.2f}x")
+    fastest = min(results["TRL GRPOTrainer, defaults"]["step_s"], results["TRL GRPOTrainer, no act. ckpt"]["step_s"])
+    print(f"TRL default step time / searchrel step time: {trl / ours['step_s']:.2f}x (target >= 1.0x); "
+          f"TRL fastest / searchrel: {fastest / ours['step_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

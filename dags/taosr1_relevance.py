@@ -1,0 +1,62 @@
+"""TaoSR1 relevance model: one Ray job per stage, from the judgments to the promotion gate.
+
+Wiring only: every task runs `python -m ray_jobs.<stage> taosr1 ...` through RayJobOperator (see operators/).
+
+Schedule: weekly (Monday 03:00 UTC) OR whenever the judgments Asset gets an event (new judgments landed: post
+one with `POST /api/v2/assets/events` or from the DAG that writes them), whichever comes first.
+The DAG has no start_date: unpausing it starts nothing, the first scheduled run is the next Monday (or the next
+judgments event). Backfills: catchup=False, so the scheduler never creates missed weekly runs by itself, and
+max_active_runs=1, so runs (scheduled, asset-triggered, manual or backfill) happen one at a time and never
+train on the same machine at once. A backfill (`airflow backfill create --dag-id taosr1_relevance --from-date
+... --to-date ...`) creates one run per missed week; each run's key is its own run id, so each one retrains from
+the judgments as they are at run time (the source is not versioned by date): backfilling a year is 52 full
+trainings. To redo only what changed, trigger one run with the `run_key` of an earlier run instead: stages whose
+config and inputs match are reused, not rerun.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable
+
+from operators.dag_params import data_dir, pipeline_params
+from operators.operators.promotion import PromotionOperator
+from operators.operators.ray_job import RayJobOperator
+
+PIPELINE = "taosr1"
+STAGES = ["prepare", "rationales", "baselines", "sft", "evaluate", "sample", "dpo_pairs", "dpo", "evaluate_dpo",
+          "grpo", "evaluate_grpo", "register", "promote"]
+DEFAULT_PATH = str(data_dir() / "crowdflower_search_relevance")
+JUDGMENTS = Asset(name="taosr1_judgments", uri=Path(DEFAULT_PATH).as_uri(), group="judgments")
+STAGE_ARGS = {"pipeline": PIPELINE, "dataset": "{{ params.dataset }}", "path": "{{ params.path }}",
+              "profile": "{{ params.profile }}", "overrides": "{{ params.overrides }}",
+              "skip_stages": "{{ params.skip_stages }}", "until": "{{ params.until }}"}
+
+with DAG(
+    dag_id="taosr1_relevance",
+    description="TaoSR1: CoT SFT, pass@N + DPO, GRPO, evaluation, registry and promotion gate",
+    doc_md=__doc__,
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 3 * * 1", timezone="UTC"), assets=JUDGMENTS),
+    catchup=False,
+    max_active_runs=1,
+    render_template_as_native_obj=True,
+    params=pipeline_params(stages=STAGES, default_dataset="crowdflower", default_path=DEFAULT_PATH, datasets={
+        "crowdflower": "the CrowdFlower search relevance CSV",
+        "homedepot": "Home Depot's train.csv (rater means cut into levels)",
+        "esci": "an Amazon ESCI folder of examples and products Parquet files",
+        "table": "any CSV/Parquet of judgments (map its columns with prepare.columns.* overrides)"}),
+    default_args={"retries": 2, "retry_delay": dt.timedelta(minutes=1), "trigger_rule": "none_failed"},
+    tags=["searchrel", "taosr1"],
+) as dag:
+    tasks = {stage: RayJobOperator(task_id=stage, stage=stage, **STAGE_ARGS) for stage in STAGES if stage != "promote"}
+    tasks["promote"] = PromotionOperator(task_id="promote", **STAGE_ARGS)
+
+    tasks["prepare"] >> [tasks["rationales"], tasks["baselines"]]
+    tasks["rationales"] >> tasks["sft"] >> [tasks["evaluate"], tasks["sample"]]
+    tasks["sample"] >> tasks["dpo_pairs"] >> tasks["dpo"] >> [tasks["evaluate_dpo"], tasks["grpo"]]
+    tasks["grpo"] >> tasks["evaluate_grpo"]
+    # register takes the last trained model (grpo, else dpo, else sft) with its evaluation; the gate comes last.
+    [tasks["evaluate"], tasks["evaluate_dpo"], tasks["evaluate_grpo"], tasks["baselines"]] >> tasks["register"]
+    tasks["register"] >> tasks["promote"]

@@ -1,0 +1,60 @@
+"""The Params both pipeline DAGs share: a JSON schema per field, with the help text the trigger form shows.
+
+Airflow validates a run's conf against these schemas when the run is created (UI trigger form, REST API, CLI
+`dags trigger`/`dags test`), and refuses it with a message that names the field. Kept here, next to the
+operators, so that the DAG files stay wiring only. Imports nothing heavier than `airflow.sdk`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from airflow.sdk import Param
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+OVERRIDE_PATTERN = r"^[a-z][a-z0-9_]*\.[A-Za-z0-9_.]+=.*$"
+RUN_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+PROFILES = {"tiny": "tiny models built from a config, small data: seconds per stage (tests, the demo)",
+            "cpu": "SmolLM2-135M-Instruct / real sizes on one machine's CPUs (an hour or more)",
+            "gpu": "full sizes on a GPU cluster"}
+
+
+def data_dir() -> Path:
+    """`$SEARCHREL_DATA`, else the `shared/data` folder beside the repository."""
+    return Path(os.environ.get("SEARCHREL_DATA") or REPO_ROOT.parent / "shared" / "data").resolve()
+
+
+def pipeline_params(*, stages: list[str], datasets: dict[str, str], default_dataset: str,
+                    default_path: str) -> dict[str, Param]:
+    """Params of a pipeline DAG. `datasets` maps each accepted dataset name to its help text."""
+    return {
+        "dataset": Param(default_dataset, type="string", enum=list(datasets), title="Dataset",
+                         description="Which loader reads the judgments: "
+                                     + "; ".join(f"{k}: {v}" for k, v in datasets.items()) + "."),
+        "path": Param(default_path, type="string", minLength=1, title="Judgments path",
+                      description="The source file or folder the prepare stage reads, as the Airflow worker "
+                                  "sees it. Defaults to the location of the judgments Asset whose updates "
+                                  "trigger this DAG."),
+        "profile": Param("tiny", type="string", enum=list(PROFILES), title="Profile",
+                         description="Configuration profile of every stage: "
+                                     + "; ".join(f"{k}: {v}" for k, v in PROFILES.items()) + "."),
+        "skip_stages": Param([], type="array", items={"type": "string", "enum": stages}, uniqueItems=True,
+                             title="Stages to skip",
+                             description="These stages do not run; the stages after them still do, on the "
+                                         "outputs already in the run folder (so skip a stage only when its "
+                                         "output exists, e.g. with a reused run key, or skip its dependents "
+                                         "too)."),
+        "until": Param("all", type="string", enum=["all", *stages], title="Run until",
+                       description="Run only this stage and the stages it depends on (all: every stage). For a "
+                                   "quick check: prepare."),
+        "overrides": Param([], type="array", items={"type": "string", "pattern": OVERRIDE_PATTERN},
+                           title="Config overrides",
+                           description="stage.field=value settings on top of the profile, one per entry (the "
+                                       "CLI's --set), e.g. sft.epochs=1 or prepare.max_queries=30. An unknown "
+                                       "stage or field fails the stage with its name."),
+        "run_key": Param(None, type=["null", "string"], pattern=RUN_KEY_PATTERN, title="Run key",
+                         description="Empty: the Airflow run id (made path-safe) names the run's output folder "
+                                     "and MLflow parent run. Set it to continue an earlier run: its finished "
+                                     "stages are reused when config and inputs match."),
+    }

@@ -1,0 +1,191 @@
+"""Local stand-in for a Ray job in the embedded default: a detached supervisor process per submission id.
+
+A job is a folder `<jobs_dir>/<submission_id>/`:
+
+    spec.json   the command, its extra environment and working directory (written before anything starts)
+    pid         "<pid> <start time>" of the supervisor (the start time guards against pid reuse)
+    job.log     the command's stdout and stderr
+    rc          its exit status, written atomically when it ends
+    stopped     present when the job was stopped on request
+
+`os.mkdir` of the folder is the submission: it fails if the id exists, so two submissions of one id cannot both
+start a process. The supervisor runs in a session of its own, so a job outlives the Airflow task that started it
+(a retry finds it by its id) and stopping it can reach every process it started, Ray's workers included.
+
+No Airflow or Ray imports here: the supervisor is started as `python -m operators.hooks.local_job <job dir>`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED = "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED"
+TERMINAL = (SUCCEEDED, FAILED, STOPPED)
+# A supervisor writes its pid file within milliseconds; a folder without one after this long lost its process.
+_START_GRACE_S = 120.0
+_STOP_GRACE_S = 20.0
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[19]
+    except (FileNotFoundError, IndexError, ProcessLookupError, PermissionError):
+        return None
+
+
+def _alive(job_dir: Path) -> int | None:
+    """The supervisor's pid if that very process still runs (and is not a zombie), else None."""
+    try:
+        pid_text, started = (job_dir / "pid").read_text().split()
+    except (FileNotFoundError, ValueError):
+        return None
+    pid = int(pid_text)
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return None
+    return pid if state != "Z" and _start_time(pid) == started else None
+
+
+def submit(job_dir: Path, argv: list[str], env: dict[str, str] | None = None, cwd: str | None = None) -> bool:
+    """Start the job unless a job of this id exists; True if this call started it."""
+    job_dir = Path(job_dir)
+    job_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        job_dir.mkdir()
+    except FileExistsError:
+        return False
+    spec = {"argv": list(argv), "env": dict(env or {}), "cwd": cwd, "submitted_at": time.time()}
+    tmp = job_dir / "spec.json.tmp"
+    tmp.write_text(json.dumps(spec, indent=2))
+    os.replace(tmp, job_dir / "spec.json")
+    subprocess.Popen([sys.executable, "-m", "operators.hooks.local_job", str(job_dir)], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     close_fds=True, cwd=cwd)
+    return True
+
+
+def status(job_dir: Path) -> str | None:
+    """PENDING / RUNNING / SUCCEEDED / FAILED / STOPPED, or None when no job has this id."""
+    job_dir = Path(job_dir)
+    if not job_dir.is_dir():
+        return None
+    rc = return_code(job_dir)
+    if rc is not None:
+        if (job_dir / "stopped").exists():
+            return STOPPED
+        return SUCCEEDED if rc == 0 else FAILED
+    if _alive(job_dir):
+        return RUNNING
+    if (job_dir / "pid").exists():
+        return FAILED  # the supervisor died without recording an exit status (killed with SIGKILL)
+    return PENDING if time.time() - job_dir.stat().st_mtime < _START_GRACE_S else FAILED
+
+
+def return_code(job_dir: Path) -> int | None:
+    try:
+        return int((Path(job_dir) / "rc").read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def read_log(job_dir: Path, offset: int = 0, limit: int = 1 << 20) -> tuple[str, int]:
+    """Complete lines of the job log from byte `offset` on (up to `limit` bytes); returns (text, new offset)."""
+    try:
+        with open(Path(job_dir) / "job.log", "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(limit)
+    except FileNotFoundError:
+        return "", offset
+    finished = return_code(job_dir) is not None
+    if not finished and b"\n" in data:
+        data = data[: data.rindex(b"\n") + 1]  # hold back a partial last line until it is complete
+    elif not finished:
+        data = b""
+    return data.decode("utf-8", errors="replace"), offset + len(data)
+
+
+def stop(job_dir: Path) -> bool:
+    """Ask the supervisor to stop the job (it terminates every process of the job's session)."""
+    job_dir = Path(job_dir)
+    pid = _alive(job_dir)
+    if pid is None:
+        return False
+    (job_dir / "stopped").touch()
+    os.kill(pid, signal.SIGTERM)
+    return True
+
+
+# ------------------------------------------------------------------------------------------------ supervisor
+
+
+def _kill_session(sid: int, sig: int) -> int:
+    hit = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            if os.getsid(int(entry)) != sid:
+                continue
+            if Path(f"/proc/{entry}/stat").read_text().rsplit(") ", 1)[1][0] == "Z":
+                continue  # a zombie is already dead; counting it would spin until it is reaped
+            os.kill(int(entry), sig)
+            hit += 1
+        except (ProcessLookupError, PermissionError, FileNotFoundError, IndexError):
+            continue
+    return hit
+
+
+def _supervise(job_dir: Path) -> int:
+    spec = json.loads((job_dir / "spec.json").read_text())
+    env = {**os.environ, **spec["env"], "PYTHONUNBUFFERED": "1"}
+    child: subprocess.Popen | None = None
+    stop_requested = False
+
+    with open(job_dir / "job.log", "ab", buffering=0) as log:
+
+        def on_term(signum, frame):
+            nonlocal stop_requested
+            stop_requested = True
+            log.write(f"\n[local job] stop requested (signal {signum}); terminating the job\n".encode())
+            (job_dir / "stopped").touch()
+            if child is None:
+                return
+            _kill_session(os.getsid(0), signal.SIGTERM)
+            deadline = time.time() + _STOP_GRACE_S
+            while child.poll() is None and time.time() < deadline:
+                time.sleep(0.2)
+            while _kill_session(os.getsid(0), signal.SIGKILL):
+                time.sleep(0.2)
+
+        # The handler is in place before the pid file makes the job visible, so a stop can never be lost.
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)
+        tmp = job_dir / "pid.tmp"
+        tmp.write_text(f"{os.getpid()} {_start_time(os.getpid())}")
+        os.replace(tmp, job_dir / "pid")
+        if stop_requested:
+            rc = -signal.SIGTERM
+        else:
+            child = subprocess.Popen(spec["argv"], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env, cwd=spec.get("cwd"))
+            if stop_requested:  # a stop that arrived while the child was being started
+                on_term(signal.SIGTERM, None)
+            rc = child.wait()
+        # Ray workers live in process groups of their own; take down whatever the job left in its session.
+        _kill_session(os.getsid(0), signal.SIGKILL)
+        log.write(f"\n[local job] exited with status {rc}\n".encode())
+    tmp = job_dir / "rc.tmp"
+    tmp.write_text(str(rc))
+    os.replace(tmp, job_dir / "rc")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(0 if _supervise(Path(sys.argv[1])) == 0 else 1)

@@ -1,0 +1,216 @@
+"""DAG integrity, Params, wiring and the local job runner (quick: no stage runs here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from airflow_support import DAGS, REPO_ROOT, airflow_db, load_dag  # noqa: F401
+
+from operators.hooks import local_job
+from operators.operators.ray_job import path_safe, submission_id
+
+ISSUE_ORDER = {
+    "taosr1_relevance": ["prepare", "rationales", "sft", "sample", "dpo_pairs", "dpo", "grpo", "evaluate_grpo",
+                         "register", "promote"],
+    "autofas_preranking": ["prepare", "teacher", "latency", "search", "retrain", "report", "register", "promote"],
+}
+
+
+def test_dag_folder_imports_fast_without_ml_libraries():
+    """A fresh interpreter parses the DAG folder: no errors, no torch/ray/transformers, and quickly."""
+    code = f"""
+import json, sys, time
+t0 = time.perf_counter()
+from airflow.dag_processing.dagbag import DagBag
+t1 = time.perf_counter()
+bag = DagBag(dag_folder={str(DAGS)!r})
+t2 = time.perf_counter()
+heavy = sorted(m for m in ("torch", "ray", "transformers", "deepspeed", "pandas", "mlflow") if m in sys.modules)
+print(json.dumps({{"errors": {{k: str(v) for k, v in bag.import_errors.items()}}, "dags": sorted(bag.dag_ids),
+                  "airflow_s": t1 - t0, "dags_s": t2 - t1, "heavy": heavy}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["errors"] == {}
+    assert result["dags"] == ["autofas_preranking", "taosr1_relevance"]
+    assert result["heavy"] == [], f"DAG import pulled in {result['heavy']}"
+    print(f"airflow import {result['airflow_s']:.2f} s, DAG folder parse {result['dags_s']:.2f} s")
+    # Generous bound (2 shared cores); the parse itself measures about 0.5 s.
+    assert result["dags_s"] < 10.0
+
+
+@pytest.mark.parametrize("dag_id", sorted(ISSUE_ORDER))
+def test_stage_order_and_entry_points(dag_id):
+    dag = load_dag(dag_id)
+    order = ISSUE_ORDER[dag_id]
+    assert set(order) <= set(dag.task_ids)
+    for before, after in zip(order, order[1:], strict=False):
+        upstream = dag.get_task(after).get_flat_relative_ids(upstream=True)
+        assert before in upstream, f"{dag_id}: {before} must run before {after}"
+    for task in dag.tasks:
+        assert importlib.util.find_spec(task.module) is not None, f"{task.module} is missing"
+        assert task.trigger_rule == "none_failed"
+        assert task.execution_timeout is None
+        assert task.retries >= 1
+    assert dag.max_active_runs == 1 and dag.catchup is False
+    assert dag.render_template_as_native_obj
+
+
+@pytest.mark.parametrize("dag_id", sorted(ISSUE_ORDER))
+def test_params_have_schema_and_help(dag_id):
+    dag = load_dag(dag_id)
+    params = dag.params
+    assert {"dataset", "path", "profile", "skip_stages", "until", "overrides", "run_key"} <= set(params.keys())
+    for name in params:
+        param = params.get_param(name)
+        assert param.description and len(param.description) > 20, f"{name} has no help text"
+        assert param.schema.get("type"), f"{name} has no schema type"
+    assert params.get_param("profile").schema["enum"] == ["tiny", "cpu", "gpu"]
+    assert set(params.get_param("skip_stages").schema["items"]["enum"]) == set(dag.task_ids)
+
+
+@pytest.mark.usefixtures("airflow_db")
+@pytest.mark.parametrize(("conf", "field"), [
+    ({"profile": "huge"}, "profile"),
+    ({"dataset": "imagenet"}, "dataset"),
+    ({"overrides": ["sft.epochs"]}, "overrides"),
+    ({"skip_stages": ["nope"]}, "skip_stages"),
+    ({"path": ""}, "path"),
+    ({"run_key": "../escape"}, "run_key"),
+])
+def test_invalid_params_are_refused_naming_the_field(conf, field):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    dag = load_dag("taosr1_relevance")
+    with pytest.raises(ParamValidationError, match=f"param {field}"):
+        dag.test(run_conf=conf)
+
+
+def test_submission_id_is_per_task_instance_not_per_try():
+    a = submission_id("taosr1_relevance", "manual__2026-01-05T03:00:00+00:00", "sft")
+    assert a == submission_id("taosr1_relevance", "manual__2026-01-05T03:00:00+00:00", "sft")
+    assert a != submission_id("taosr1_relevance", "manual__2026-01-05T03:00:00+00:00", "dpo")
+    assert a != submission_id("taosr1_relevance", "manual__2026-01-12T03:00:00+00:00", "sft")
+    assert a.startswith("taosr1_relevance--sft--") and path_safe(a) == a
+    assert path_safe("scheduled__2026-01-05T03:00:00+00:00") == "scheduled__2026-01-05T03-00-00-00-00"
+    with pytest.raises(ValueError, match="run key"):
+        path_safe("///")
+
+
+def _wait_terminal(job_dir, timeout=60.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = local_job.status(job_dir)
+        if status in local_job.TERMINAL:
+            return status
+        time.sleep(0.1)
+    raise AssertionError(f"{job_dir} still {local_job.status(job_dir)} after {timeout} s")
+
+
+def test_local_job_runs_once_logs_and_reports(tmp_path):
+    job = tmp_path / "jobs" / "j1"
+    script = "import sys; print('hello from the job'); print('to stderr', file=sys.stderr); sys.exit(3)"
+    assert local_job.submit(job, [sys.executable, "-c", script], cwd=str(REPO_ROOT)) is True
+    assert local_job.submit(job, [sys.executable, "-c", "print('duplicate')"]) is False  # same id: no 2nd job
+    assert _wait_terminal(job) == "FAILED"
+    assert local_job.return_code(job) == 3
+    text, offset = local_job.read_log(job)
+    assert "hello from the job" in text and "to stderr" in text and "duplicate" not in text
+    assert local_job.read_log(job, offset) == ("", offset)
+    assert local_job.status(tmp_path / "jobs" / "unknown") is None
+
+
+def test_local_job_stop_ends_every_process_of_the_job(tmp_path):
+    job = tmp_path / "j2"
+    # The job starts a grandchild in its own process group, as Ray workers are; stopping must reach it too.
+    script = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+              "time.sleep(600)'], start_new_session=False, process_group=0); print('child', p.pid, flush=True); "
+              "time.sleep(600)")
+    local_job.submit(job, [sys.executable, "-c", script])
+    deadline = time.time() + 30
+    while "child" not in local_job.read_log(job)[0] and time.time() < deadline:
+        time.sleep(0.1)
+    grandchild = int(local_job.read_log(job)[0].split("child")[1].split()[0])
+    assert local_job.status(job) == "RUNNING"
+    assert local_job.stop(job) is True
+    assert _wait_terminal(job) == "STOPPED"
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            state = Path(f"/proc/{grandchild}/stat").read_text().rsplit(") ", 1)[1][0]
+        except FileNotFoundError:
+            break
+        if state == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"grandchild {grandchild} survived the stop")
+
+
+@pytest.fixture()
+def local_conn(tmp_path, monkeypatch):
+    jobs = tmp_path / "ray_jobs"
+    monkeypatch.setenv("AIRFLOW_CONN_RAY_DEFAULT", json.dumps(
+        {"conn_type": "ray", "host": "local", "extra": {"jobs_dir": str(jobs)}}))
+    return jobs
+
+
+def test_on_kill_stops_the_job(local_conn):
+    from operators.operators.ray_job import RayJobOperator
+
+    op = RayJobOperator(task_id="sft", stage="sft", pipeline="taosr1")
+    hook = op.hook()
+    assert hook.target.is_local and hook.jobs_dir() == local_conn
+    sid = "on-kill-probe"
+    assert hook.submit(sid, "timeit", ["-n", "1", "import time; time.sleep(600)"])
+    op._submission_id = sid
+    _wait_for_status(hook, sid, "RUNNING")
+    op.on_kill()
+    assert _wait_terminal(local_conn / sid) == "STOPPED"
+
+
+def test_a_failed_job_is_not_attached_to_again(local_conn):
+    """FAILED and STOPPED jobs keep their ids; the next try gets the next attempt id, and attaches to it later."""
+    from operators.operators.ray_job import RayJobOperator
+
+    op = RayJobOperator(task_id="sft", stage="sft", pipeline="taosr1")
+    hook = op.hook()
+    base = submission_id("d", "r", "sft")
+    assert op._locate(hook, base) == (base, None)
+    hook.submit(base, "timeit", ["-n", "1", "raise ValueError('boom')"])
+    assert _wait_terminal(local_conn / base) == "FAILED"
+    assert hook.return_code(base) == 1 and "ValueError: boom" in hook.get_logs(base)[0]
+    assert op._locate(hook, base) == (f"{base}-r2", None)
+    hook.submit(f"{base}-r2", "timeit", ["-n", "1", "pass"])
+    assert _wait_terminal(local_conn / f"{base}-r2") == "SUCCEEDED"
+    assert op._locate(hook, base) == (f"{base}-r2", "SUCCEEDED")  # a later try reuses it instead of rerunning
+
+
+def _wait_for_status(hook, sid, wanted, timeout=30.0):
+    deadline = time.time() + timeout
+    while hook.get_status(sid) != wanted and time.time() < deadline:
+        time.sleep(0.1)
+    assert hook.get_status(sid) == wanted
+
+
+def test_trigger_on_kill_stops_the_job(local_conn):
+    """A user killing the deferred task reaches the job through the trigger's on_kill."""
+    import asyncio
+
+    from operators.hooks.ray import RayHook
+    from operators.triggers.ray import RayJobTrigger
+
+    hook = RayHook()
+    sid = "trigger-kill-probe"
+    hook.submit(sid, "timeit", ["-n", "1", "import time; time.sleep(600)"])
+    _wait_for_status(hook, sid, "RUNNING")
+    classpath, kwargs = RayJobTrigger(sid, hook.target.address, hook.target.extra).serialize()
+    assert classpath == "operators.triggers.ray.RayJobTrigger"
+    asyncio.run(RayJobTrigger(**kwargs).on_kill())
+    assert _wait_terminal(local_conn / sid) == "STOPPED"
