@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import subprocess
@@ -60,6 +61,25 @@ def test_stage_order_and_entry_points(dag_id):
         assert task.retries >= 1
     assert dag.max_active_runs == 1 and dag.catchup is False
     assert dag.render_template_as_native_obj
+
+
+@pytest.mark.parametrize("dag_id", sorted(ISSUE_ORDER))
+def test_every_task_stage_exists_in_its_pipeline(dag_id):
+    """A misspelled or missing stage would exit 99 in ray_jobs/_entry.py and show as skipped, not failed:
+    every Ray job task's stage must be in its pipeline's STAGE_FUNCTIONS, and its entry module must run it."""
+    from operators.operators.ray_job import RayJobOperator
+    from ray_jobs._entry import PIPELINE_MODULES
+
+    dag = load_dag(dag_id)
+    jobs = [t for t in dag.tasks if isinstance(t, RayJobOperator)]
+    assert jobs, f"{dag_id} has no Ray job tasks"
+    for task in jobs:
+        assert task.pipeline in PIPELINE_MODULES, f"{dag_id}.{task.task_id}: unknown pipeline {task.pipeline!r}"
+        stages = importlib.import_module(PIPELINE_MODULES[task.pipeline]).STAGE_FUNCTIONS
+        assert task.stage in stages, (f"{dag_id}.{task.task_id}: pipeline {task.pipeline!r} has no stage "
+                                      f"{task.stage!r} (it has {sorted(stages)})")
+        entry = REPO_ROOT / "ray_jobs" / f"{task.stage}.py"
+        assert f'main("{task.stage}")' in entry.read_text(), f"{entry} does not run stage {task.stage!r}"
 
 
 @pytest.mark.parametrize("dag_id", sorted(ISSUE_ORDER))

@@ -149,7 +149,7 @@ def test_tiny_pipeline_end_to_end(root, ray_local):
 
     spec = RunSpec(run_key="e2e", root=root, dataset="synthetic", profile="tiny")
     results = run_autofas(spec)
-    assert list(results) == ["prepare", "teacher", "latency", "search", "retrain", "report", "register"]
+    assert list(results) == ["prepare", "teacher", "latency", "search", "retrain", "report", "register", "promote"]
 
     teacher = results["teacher"]
     assert (teacher.path / "model" / "model.safetensors").exists()
@@ -187,6 +187,92 @@ def test_tiny_pipeline_end_to_end(root, ray_local):
 
     again = run_autofas(spec)
     assert all(r.skipped for r in again.values())
+
+    _check_promotion(spec, results, client, rows)
+
+
+def _check_promotion(spec, results, client, rows):
+    """The gate rescored the challenger and the logistic baseline from the registry and decided by those numbers;
+    a second promote of the champion changes nothing; a second version meets the champion, both measured."""
+    from dataclasses import replace
+
+    import mlflow
+
+    from pipelines.preranking.pipeline import STAGE_FUNCTIONS
+    from pipelines.preranking.promotion import PromoteConfig, promote_version
+    from pipelines.preranking.serving import log_preranker
+    from pipelines.preranking.training import auc, load_click_data, predict, read_spec
+    from pipelines.relevance.promotion import TAG_DECISION, rollback
+
+    name, cfg = "searchrel-autofas", PromoteConfig()
+    reg = results["register"].summary
+    decision = json.loads((results["promote"].path / "decision.json").read_text())
+    challenger, baseline = decision["challenger_metrics"], decision["baseline_metrics"]
+    assert decision["champion_version"] is None and decision["champion_metrics"] is None
+    assert decision["eval_rows"] == results["prepare"].summary["rows"]["test"]
+    # Measured again from the registry's copy, not read from the register stage's numbers.
+    prepare = results["prepare"].path
+    test = load_click_data(prepare, "test", read_spec(prepare))
+    logistic, _, _ = load_model(results["retrain"].path / "models" / "logistic")
+    assert baseline["test_auc"] == pytest.approx(auc(test.label.numpy(), predict(logistic, test)))
+    assert challenger["test_auc"] == pytest.approx(reg["test_auc"], abs=1e-6)
+    assert challenger["latency_us"] > challenger["retrieval_us"] >= 0 and baseline["latency_us"] > 0
+    expected = challenger["test_auc"] - baseline["test_auc"] > cfg.min_auc_gain \
+        and challenger["latency_us"] <= reg["budget_us"] * (1 + cfg.latency_tolerance)
+    assert decision["promoted"] == expected, decision["reason"]
+    mlflow_run = client.get_run(results["promote"].manifest["mlflow_run_id"])
+    assert mlflow_run.data.metrics["challenger.test_auc"] == pytest.approx(challenger["test_auc"])
+    assert mlflow_run.data.metrics["baseline.latency_us"] == pytest.approx(baseline["latency_us"])
+    assert mlflow_run.data.tags["searchrel.decision"] == ("promoted" if expected else "kept")
+    tag = json.loads(client.get_model_version(name, reg["version"]).tags[TAG_DECISION])
+    assert tag["promoted"] == expected and tag["reason"] == decision["reason"]
+    if not expected:
+        # The tiny run's budget-bound student loses to logistic regression; bootstrap the registry without
+        # the bars (a changed config reruns the stage).
+        bootstrap = replace(spec, overrides=["promote.first_baseline=none", "promote.latency_budget_us=1e9"])
+        first = STAGE_FUNCTIONS["promote"](bootstrap)
+        assert first.summary["promoted"] and "no AUC bar" in first.summary["reason"], first.summary
+    assert str(client.get_model_version_by_alias(name, "champion").version) == reg["version"]
+
+    again = STAGE_FUNCTIONS["promote"](replace(spec, force=True))
+    assert again.summary["reason"] == "already champion" and not again.summary["promoted"]
+
+    # A second version (the logistic baseline) against the champion: both measured on the same rows.
+    with mlflow.start_run(run_name="logistic-challenger"):
+        info = log_preranker(results["retrain"].path / "models" / "logistic", rows.head(5),
+                             registered_model_name=name)
+    other = promote_version(spec.root, name, str(info.registered_model_version), prepare,
+                            results["latency"].path, None, reg["budget_us"], cfg)
+    champ, chall = other.champion_metrics, other.challenger_metrics
+    assert other.champion_version == reg["version"] and other.baseline_metrics is None
+    assert champ["test_auc"] == pytest.approx(challenger["test_auc"])
+    assert chall["test_auc"] == pytest.approx(baseline["test_auc"])
+    assert other.promoted == (chall["test_auc"] - champ["test_auc"] > cfg.min_auc_gain
+                              and chall["latency_us"] <= champ["latency_us"] * (1 + cfg.latency_tolerance)), \
+        other.reason
+    if other.promoted:
+        assert rollback(spec.root, name)["to"] == reg["version"]
+    else:
+        with pytest.raises(ValueError, match="first champion"):
+            rollback(spec.root, name)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == reg["version"]
+
+
+def test_autofas_gate_rules():
+    from pipelines.preranking.promotion import PromoteConfig, gate
+
+    cfg = PromoteConfig()
+    champ = {"test_auc": 0.70, "latency_us": 500.0}
+    better, slower = champ["test_auc"] + 2 * cfg.min_auc_gain, champ["latency_us"] * (1 + 2 * cfg.latency_tolerance)
+    assert gate({"test_auc": better, "latency_us": champ["latency_us"]}, champ, None, 0, cfg)[0]
+    assert not gate({"test_auc": champ["test_auc"] + cfg.min_auc_gain / 2, "latency_us": 1.0}, champ, None, 0, cfg)[0]
+    kept, reason = gate({"test_auc": better, "latency_us": slower}, champ, None, 0, cfg)
+    assert not kept and "latency" in reason
+    # No champion: the baseline's AUC and the budget are the bars.
+    assert gate({"test_auc": better, "latency_us": 400.0}, None, champ, 450.0, cfg)[0]
+    assert not gate({"test_auc": better, "latency_us": 400.0}, None, champ, 300.0, cfg)[0]
+    assert not gate({"test_auc": champ["test_auc"], "latency_us": 1.0}, None, champ, 450.0, cfg)[0]
+    assert gate({"test_auc": 0.5, "latency_us": 1.0}, None, None, 450.0, cfg)[0]
 
 
 @pytest.mark.slow

@@ -1,13 +1,14 @@
 """AutoFAS (arXiv 2205.09394): joint feature and architecture search for a pre-ranking model under a measured
 latency budget, guided by a ranking teacher.
 
-    prepare -> teacher -> latency -> search -> retrain -> report -> register      (pipeline.py)
+    prepare -> teacher -> latency -> search -> retrain -> report -> register -> promote      (pipeline.py)
 
 Modules: `synthetic` (click generator with known ground truth), `models` (embeddings, DCN-v2 teacher,
 baselines, supernet, discrete student; safetensors + arch.json), `training` (data loading, the training loop
 with distillation, bootstrap AUC, paired differences, recall@K), `latency` (measured cost table, latency
 model, validation), `search` (supernet training, Ray Tune trials, random search), `teacher`, `retrain`,
-`report`, `serving` (MLflow pyfunc and the register stage's choice).
+`report`, `serving` (MLflow pyfunc and the register stage's choice), `promotion` (the gate to
+`champion`).
 
 Choices the paper leaves open (PAPERS.md: relaxation, widths, latency and distillation formulas, all numbers
 are unpublished; no public code), each a config field unless noted:

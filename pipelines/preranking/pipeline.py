@@ -1,10 +1,10 @@
 """The AutoFAS pipeline: its stages in order, each a `run_stage` call whose inputs are earlier stages' outputs.
 
-    prepare -> teacher -> latency -> search -> retrain -> report -> register
+    prepare -> teacher -> latency -> search -> retrain -> report -> register -> promote
 
 `run_autofas` runs a chosen list of stages in-process (the CLI's `searchrel run autofas`). `register` logs the
-chosen student as a pyfunc and gives it the alias `challenger`; promotion to `champion` is not part of this
-pipeline.
+chosen student as a pyfunc and gives it the alias `challenger`; `promote` rescores challenger and champion on
+the same rows and moves `champion` when the gate passes (pipelines/preranking/promotion.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pipelines.stage import StageContext, StageResult, run_stage, stage_dir
 __all__ = ["PIPELINE", "STAGES", "RunSpec", "resolve_stages", "run_autofas", "stage_config"]
 
 PIPELINE = "autofas"
-STAGES = ("prepare", "teacher", "latency", "search", "retrain", "report", "register")
+STAGES = ("prepare", "teacher", "latency", "search", "retrain", "report", "register", "promote")
 
 
 def stage_config(stage: str, spec: RunSpec):
@@ -40,6 +40,8 @@ def stage_config(stage: str, spec: RunSpec):
         from pipelines.preranking.report import ReportConfig as cls
     elif stage == "register":
         from pipelines.preranking.serving import RegisterConfig as cls
+    elif stage == "promote":
+        from pipelines.preranking.promotion import PromoteConfig as cls
     else:
         raise ValueError(f"unknown autofas stage {stage!r}; stages are: {', '.join(STAGES)}")
     return load_stage_config(cls, PIPELINE, stage, spec.profile, spec.overrides)
@@ -273,8 +275,40 @@ def register(spec: RunSpec) -> StageResult:
     return _stage(spec, "register", {"prepare": _dir(spec, "prepare"), "retrain": _dir(spec, "retrain")}, body)
 
 
+def promote(spec: RunSpec) -> StageResult:
+    from pipelines.preranking.promotion import promote_version
+
+    def body(ctx: StageContext) -> dict[str, Any]:
+        import mlflow
+
+        from pipelines.stage import path_digest
+
+        cfg = ctx.config
+        registered = json.loads((ctx.inputs["register"] / "registered.json").read_text())
+        if registered["model_name"] != cfg.model_name:
+            raise ValueError(f"register used model name {registered['model_name']!r} but promote.model_name is "
+                             f"{cfg.model_name!r}; set both to the same name")
+        budget = cfg.latency_budget_us or float(registered["budget_us"])
+        digest = f"{path_digest(ctx.inputs['prepare'])}:{cfg.eval_split}:{cfg.max_rows}:{cfg.seed}"
+        decision = promote_version(ctx.root, cfg.model_name, registered["version"], ctx.inputs["prepare"],
+                                   ctx.inputs["latency"], ctx.inputs["retrain"] / "models" / "logistic", budget,
+                                   cfg, digest)
+        for side in ("challenger", "champion", "baseline"):
+            values = getattr(decision, f"{side}_metrics") or {}
+            mlflow.log_metrics({f"{side}.{k}": float(values[k]) for k in ("test_auc", "latency_us", "compute_us")
+                                if k in values})
+        mlflow.set_tags({"searchrel.decision": "promoted" if decision.promoted else "kept",
+                         "searchrel.decision_reason": decision.reason})
+        mlflow.log_dict(decision.as_dict(), "decision.json")
+        (ctx.work_dir / "decision.json").write_text(json.dumps(decision.as_dict(), indent=2, default=str) + "\n")
+        return {"promoted": decision.promoted, "reason": decision.reason, "challenger": decision.challenger_version,
+                "champion_before": decision.champion_version, "budget_us": budget}
+
+    return _stage(spec, "promote", {s: _dir(spec, s) for s in ("prepare", "latency", "retrain", "register")}, body)
+
+
 STAGE_FUNCTIONS = {"prepare": prepare, "teacher": teacher, "latency": latency, "search": search,
-                   "retrain": retrain, "report": report, "register": register}
+                   "retrain": retrain, "report": report, "register": register, "promote": promote}
 
 
 def resolve_stages(names: list[str] | None) -> list[str]:
@@ -316,4 +350,8 @@ def cli_run(*, run_key: str, dataset: str, path: Path | None, stages: str, profi
         s = results["register"].summary
         print_table("registered", [{"model": s["model"], "name": s["model_name"], "version": s["version"],
                                     "alias": s["alias"], "within budget": s["within_budget"]}])
+    if "promote" in results:
+        s = results["promote"].summary
+        print_table("promotion", [{"challenger": s["challenger"], "champion before": s["champion_before"] or "-",
+                                   "promoted": s["promoted"], "reason": s["reason"]}])
     return results

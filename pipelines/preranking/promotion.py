@@ -1,0 +1,197 @@
+"""The AutoFAS `promote` stage: the gate that moves the `champion` alias of `searchrel-autofas`.
+
+The challenger (the version the run's `register` stage gave the alias `challenger`) and the current champion
+are both loaded from the registry (`models:/searchrel-autofas/<version>`) and measured here, on the same
+frozen rows and in the same process; numbers logged by earlier stages or tags are never trusted:
+
+- quality: test AUC on the run's prepare split (`eval_split`, optionally a seeded subsample);
+- cost: latency per `latency.batch` candidates = forward time measured now, challenger and champion timed in
+  interleaved rounds with the latency stage's threads and clock (so load from other processes falls on both
+  alike), plus the retrieval cost of the features each reads (as the retrain stage counts it).
+
+The gate (decision recorded as the stage's decision.json, MLflow metrics and tags, and a model-version tag):
+
+- with a champion: the challenger's AUC must exceed the champion's by more than `min_auc_gain` AND its
+  latency must be at most the champion's x (1 + `latency_tolerance`). The bar is relative because both are
+  timed side by side; an absolute budget would compare a number measured now with one measured under
+  another load.
+- no champion yet: the challenger must beat the logistic-regression baseline that the run's retrain stage
+  trained (its saved model, rescored on the same rows) by the same margin, AND its latency must be within
+  the budget (`latency_budget_us`, or the register stage's budget) x (1 + `latency_tolerance`).
+- a champion whose feature encoding (feature_spec.json) differs from the run's prepare output cannot be
+  scored on these rows: the champion is kept and the reason says so.
+
+Locking, the champion history (for `searchrel rollback searchrel-autofas`) and the decision tag are the
+generic helpers of `pipelines.relevance.promotion`, shared with the TaoSR1 gate.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.relevance.promotion import (
+    CHAMPION,
+    TAG_DECISION,
+    TAG_HISTORY,
+    Decision,
+    _alias_version,
+    _client,
+    _history,
+    registry_lock,
+)
+
+__all__ = ["PromoteConfig", "gate", "promote_version"]
+
+DEFAULT_NAME = "searchrel-autofas"
+
+
+@dataclass
+class PromoteConfig:
+    """Settings of the `promote` stage (the AutoFAS promotion gate)."""
+
+    model_name: str = field(default=DEFAULT_NAME, metadata={"help": "Registered model name in MLflow."})
+    min_auc_gain: float = field(default=0.001, metadata={
+        "help": "The challenger's test AUC must exceed the champion's (or, with no champion, the logistic "
+                "baseline's) by more than this."})
+    latency_tolerance: float = field(default=0.1, metadata={
+        "help": "The challenger's measured latency may exceed the champion's (timed side by side) or the "
+                "first champion's budget by at most this fraction (timing noise)."})
+    latency_budget_us: float = field(default=0.0, metadata={
+        "help": "With no champion yet: latency budget per batch of candidates (us); 0 = the budget the "
+                "register stage used (registered.json)."})
+    first_baseline: str = field(default="logistic", metadata={
+        "help": "With no champion yet: logistic (the first model must beat the run's logistic-regression "
+                "baseline on the same rows) or none (no AUC bar; the latency budget still applies)."})
+    eval_split: str = field(default="test", metadata={
+        "help": "Which split of the run's prepare stage is the frozen evaluation set (test or val)."})
+    max_rows: int = field(default=0, metadata={"help": "Seeded subsample of the evaluation rows; 0 = all."})
+    seed: int = field(default=0, metadata={"help": "Seed of the subsample."})
+    latency_repeats: int = field(default=30, metadata={"help": "Timed rounds per model (median kept)."})
+    lock_timeout_s: float = field(default=3600.0, metadata={
+        "help": "How long to wait for another promotion of the same model to finish."})
+
+
+def gate(challenger: dict, champion: dict | None, baseline: dict | None, budget_us: float,
+         cfg: PromoteConfig) -> tuple[bool, str]:
+    """Whether the challenger may become champion, and why, from numbers measured on the same rows."""
+    auc, lat = challenger["test_auc"], challenger["latency_us"]
+    if champion is not None:
+        gain = auc - champion["test_auc"]
+        if gain <= cfg.min_auc_gain:
+            return False, (f"test AUC {auc:.4f} vs champion {champion['test_auc']:.4f}: gain {gain:+.4f} is not "
+                           f"above the margin {cfg.min_auc_gain}")
+        limit = champion["latency_us"] * (1 + cfg.latency_tolerance)
+        if lat > limit:
+            return False, (f"test AUC gain {gain:+.4f}, but latency {lat:.1f} us exceeds the champion's "
+                           f"{champion['latency_us']:.1f} us x {1 + cfg.latency_tolerance:g} = {limit:.1f} us")
+        return True, (f"test AUC {auc:.4f} beats champion {champion['test_auc']:.4f} by {gain:+.4f}; latency "
+                      f"{lat:.1f} us vs champion {champion['latency_us']:.1f} us")
+    bar = "no AUC bar (first_baseline=none)"
+    if baseline is not None:
+        gain = auc - baseline["test_auc"]
+        if gain <= cfg.min_auc_gain:
+            return False, (f"no champion yet; test AUC {auc:.4f} does not beat the logistic baseline's "
+                           f"{baseline['test_auc']:.4f} by more than {cfg.min_auc_gain}")
+        bar = f"beats the logistic baseline's {baseline['test_auc']:.4f} by {gain:+.4f}"
+    limit = budget_us * (1 + cfg.latency_tolerance)
+    if lat > limit:
+        return False, (f"no champion yet; test AUC {auc:.4f} {bar}, but latency {lat:.1f} us exceeds the budget "
+                       f"{budget_us:.1f} us x {1 + cfg.latency_tolerance:g} = {limit:.1f} us")
+    return True, f"no champion yet; test AUC {auc:.4f} {bar}; latency {lat:.1f} us within {limit:.1f} us"
+
+
+def _registry_model_dir(name: str, version: str) -> Path:
+    import mlflow.artifacts
+
+    uri = f"models:/{name}/{version}"
+    # MLflow keeps the `model` artifact under the saved folder's own name (the retrained model's slug).
+    found = sorted(Path(mlflow.artifacts.download_artifacts(uri)).glob("artifacts/*/arch.json"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"{uri} is not a searchrel AutoFAS model (expected one artifacts/*/arch.json, "
+                                f"found {len(found)}); register it with the autofas register stage")
+    return found[0].parent
+
+
+def measure(models: dict[str, Path], prepare_dir: Path, latency_dir: Path, cfg: PromoteConfig
+            ) -> dict[str, dict[str, Any]]:
+    """Test AUC and latency of each saved model folder, on the same rows and timed in the same rounds."""
+    from pipelines.preranking.latency import LatencyConfig, measure_models_us
+    from pipelines.preranking.models import load_model, model_features
+    from pipelines.preranking.training import auc, load_click_data, predict, read_meta, read_spec
+
+    spec, meta = read_spec(prepare_dir), read_meta(prepare_dir)
+    table = json.loads((Path(latency_dir) / "cost_table.json").read_text())
+    rows = load_click_data(prepare_dir, cfg.eval_split, spec, cfg.max_rows, cfg.seed)
+    lat_cfg = LatencyConfig(batch=int(table["batch"]), threads=int(table["threads"]), clock=table["clock"],
+                            repeats=cfg.latency_repeats)
+    y = rows.label.numpy()
+    loaded, out = {}, {}
+    for key, folder in models.items():
+        model, arch, model_spec = load_model(folder)
+        if asdict(model_spec) != asdict(spec):
+            out[key] = {"comparable": False}
+            continue
+        feats = model_features(arch, spec)
+        loaded[key] = model
+        out[key] = {"comparable": True, "test_auc": auc(y, predict(model, rows)), "n_features": len(feats),
+                    "retrieval_us": sum(float(meta.get(f, {}).get("retrieval_cost_us",
+                                                                   table["features"][f]["retrieval_us"]))
+                                        for f in feats)}
+    # The latency stage's bench rows: the first `batch` rows of the test split, as the retrain stage times.
+    bench = load_click_data(prepare_dir, "test", spec)
+    compute = measure_models_us(loaded, bench.cat[:lat_cfg.batch].contiguous(),
+                                bench.num[:lat_cfg.batch].contiguous(), lat_cfg)
+    for key, us in compute.items():
+        out[key].update(compute_us=us, latency_us=us + out[key]["retrieval_us"], rows=len(rows))
+    return out
+
+
+def promote_version(root: Path, name: str, challenger_version: str, prepare_dir: Path, latency_dir: Path,
+                    baseline_dir: Path | None, budget_us: float, cfg: PromoteConfig,
+                    eval_digest: str = "") -> Decision:
+    """Run the gate for `challenger_version` and move `champion` if it passes; returns the recorded decision."""
+    if cfg.eval_split not in ("test", "val"):
+        raise ValueError(f"promote.eval_split must be test or val, not {cfg.eval_split!r}")
+    if cfg.first_baseline not in ("logistic", "none"):
+        raise ValueError(f"promote.first_baseline must be logistic or none, not {cfg.first_baseline!r}")
+    client = _client()
+    challenger_version = str(challenger_version)
+    with registry_lock(root, name, cfg.lock_timeout_s):
+        champion_version = _alias_version(client, name, CHAMPION)
+        if champion_version == challenger_version:
+            return Decision(False, "already champion", challenger_version, champion_version, {}, None,
+                            eval_digest=eval_digest)
+        models = {"challenger": _registry_model_dir(name, challenger_version)}
+        if champion_version:
+            models["champion"] = _registry_model_dir(name, champion_version)
+        elif cfg.first_baseline == "logistic":
+            if baseline_dir is None or not (Path(baseline_dir) / "arch.json").exists():
+                raise FileNotFoundError(f"no logistic baseline at {baseline_dir}: rerun retrain with "
+                                        "retrain.baselines=true, or set promote.first_baseline=none")
+            models["baseline"] = Path(baseline_dir)
+        measured = measure(models, prepare_dir, latency_dir, cfg)
+        challenger, champion, baseline = (measured.get(k) for k in ("challenger", "champion", "baseline"))
+        n_rows = challenger.get("rows", 0)
+        if not challenger["comparable"]:
+            raise ValueError(f"{name} version {challenger_version} was trained on another feature encoding than "
+                             f"{prepare_dir}/feature_spec.json; promote it from the run that registered it")
+        if champion is not None and not champion["comparable"]:
+            promoted, reason = False, (f"champion version {champion_version} uses another feature encoding than "
+                                       "this run's prepare output, so it cannot be scored on the same rows; "
+                                       "kept it (promote by hand after comparing on common data)")
+        else:
+            promoted, reason = gate(challenger, champion, baseline, budget_us, cfg)
+        decision = Decision(promoted, reason, challenger_version, champion_version, challenger, champion,
+                            baseline, eval_rows=n_rows, eval_digest=eval_digest)
+        if promoted:
+            history = _history(client, name)
+            client.set_registered_model_alias(name, CHAMPION, challenger_version)
+            client.set_registered_model_tag(name, TAG_HISTORY, json.dumps([*history, challenger_version]))
+        record = {"promoted": promoted, "reason": reason, "champion_before": champion_version,
+                  "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        client.set_model_version_tag(name, challenger_version, TAG_DECISION, json.dumps(record))
+        return decision
