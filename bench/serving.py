@@ -71,7 +71,8 @@ def bench_prefix(model_dir: Path, rows, repeats: int, batch: int) -> None:
     prompts = [scorer.prompt(q, t, d) for q, t, d in zip(rows["query"], rows["title"], rows["description"],
                                                          strict=True)]
     ways = {"no prefix reuse": {"share_prefix": False}, "instruction prefix": {"share_prefix": True},
-            "instruction + query prefix": {"share_prefix": True, "groups": list(rows["query"])}}
+            "instruction + query prefix": {"share_prefix": True, "groups": list(rows["query"]), "min_group_saving": 0},
+            "auto (the scorer's default)": {"share_prefix": True, "groups": list(rows["query"])}}
     timings: dict[str, list[float]] = {k: [] for k in ways}
     results = {}
     for name, kwargs in ways.items():  # warm-up, and the three ways must agree

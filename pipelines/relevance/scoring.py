@@ -79,8 +79,9 @@ def _score_batch(model, suffixes: Sequence[Sequence[int]], prefix_len: int, pref
     return torch.softmax(logits[:, label_index].float(), dim=-1).numpy()
 
 
-def _prefix_units(token_ids: list[list[int]], shared: int, groups: Sequence | None):
-    """(member indices, prefix length) per unit of work: one per group of >= 2 prompts, one for the rest."""
+def _prefix_units(token_ids: list[list[int]], shared: int, groups: Sequence | None, min_group_saving: int):
+    """(member indices, prefix length) per unit of work: one per group whose own prefix saves at least
+    `min_group_saving` tokens of compute, one (sharing only the common prefix, in full batches) for the rest."""
     if groups is None:
         return [(list(range(len(token_ids))), shared)]
     members: dict = {}
@@ -92,8 +93,12 @@ def _prefix_units(token_ids: list[list[int]], shared: int, groups: Sequence | No
             singles.extend(rows)
             continue
         group_ids = [token_ids[i] for i in rows]
-        length = min(common_prefix_length(group_ids), min(len(t) for t in group_ids) - 1)
-        units.append((rows, max(length, shared)))
+        length = max(min(common_prefix_length(group_ids), min(len(t) for t in group_ids) - 1), shared)
+        # A group prefix costs one more forward pass and smaller batches; worth it only for long query parts.
+        if (length - shared) * (len(rows) - 1) < min_group_saving:
+            singles.extend(rows)
+            continue
+        units.append((rows, length))
     if singles:
         units.append((sorted(singles), shared))
     return units
@@ -110,6 +115,7 @@ def first_token_probs(
     max_length: int = 512,
     share_prefix: bool = True,
     groups: Sequence | None = None,
+    min_group_saving: int = 256,
     progress: bool = False,
 ) -> np.ndarray:
     """Probabilities (n, 4) of levels 1..4 at the first response position, renormalised over the 4 labels.
@@ -118,7 +124,10 @@ def first_token_probs(
     run once and its KV cache reused by every batch, so each pair only pays for its own tokens. `groups`
     (one key per prompt, e.g. the query) goes one level further: the prefix a group's prompts share (the
     instruction and the query) is run once per group on top of that cache, and the group's items are batched
-    together (a search request scores many candidates for one query).
+    together (a search request scores many candidates for one query). A group gets its own prefix only when
+    that saves at least `min_group_saving` token computations ((group prefix - common prefix) x (items - 1)):
+    with a short query (CrowdFlower: ~5 tokens after a ~150-token instruction) the common-prefix path with full
+    batches is faster (bench/serving.py), with a long query part the group prefix wins.
     """
     token_ids = tokenize_prompts(tokenizer, prompts, max_length)
     label_index = torch.tensor([label_ids[level] for level in LEVELS])
@@ -131,7 +140,7 @@ def first_token_probs(
     # Keep at least one token per prompt outside the prefix: its logits are the answer.
     shared = min(common_prefix_length(token_ids), min(len(t) for t in token_ids) - 1) if share_prefix else 0
     shared_cache = _prefill(model, token_ids[0][:shared]) if shared > 0 else None
-    units = _prefix_units(token_ids, shared, groups if share_prefix else None)
+    units = _prefix_units(token_ids, shared, groups if share_prefix else None, min_group_saving)
     bar = None
     if progress:
         from tqdm.auto import tqdm
