@@ -23,8 +23,9 @@ def main() -> None:
     parser.add_argument("--model", default="tiny", help="tiny, smollm2-135m or a model folder")
     parser.add_argument("--pairs", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--rationale-tokens", type=int, default=80,
-                        help="tokens decoded per pair (the rule-base rationales average about 80 SmolLM2 tokens)")
+    parser.add_argument("--rationale-tokens", type=int, default=None,
+                        help="tokens decoded per pair (default: the mean token length of these pairs' responses, "
+                             "label line and rule-base rationale, under the model's tokenizer)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -33,7 +34,7 @@ def main() -> None:
 
     from bench.sft import load_pairs
     from pipelines.relevance.models import ModelConfig, label_token_ids, load_model_and_tokenizer
-    from pipelines.relevance.prompts import build_prompt
+    from pipelines.relevance.prompts import build_prompt, format_response
     from pipelines.relevance.scoring import first_token_probs, generate_responses
 
     rows = load_pairs(args.pairs)
@@ -42,6 +43,11 @@ def main() -> None:
     prompts = [build_prompt(tok, q, t, d) for q, t, d in zip(rows["query"], rows["title"], rows["description"],
                                                              strict=True)]
     label_ids = label_token_ids(tok, prompts[0])
+    if args.rationale_tokens is None:
+        responses = [format_response(int(label), rationale, "post_cot")
+                     for label, rationale in zip(rows["label"], rows["rationale"], strict=True)]
+        args.rationale_tokens = round(statistics.mean(len(tok(r, add_special_tokens=False)["input_ids"])
+                                                      for r in responses))
     model.generation_config.min_new_tokens = args.rationale_tokens
     timings: dict[str, list[float]] = {"first-token": [], "decode rationale": []}
     first_token_probs(model, tok, prompts[: args.batch], label_ids, batch_size=args.batch)  # warm-up
@@ -54,7 +60,7 @@ def main() -> None:
         timings["decode rationale"].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in timings.items()}
     print(f"\nscoring {args.pairs} CrowdFlower pairs, {args.model} ({args.dtype}), batch {args.batch}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+          f"{torch.get_num_threads()} threads, median of {args.repeats}, {args.rationale_tokens} tokens decoded")
     print(f"{'path':<18} {'seconds':>8} {'pairs/s':>9}")
     for name, sec in med.items():
         print(f"{name:<18} {sec:>8.2f} {args.pairs / sec:>9.1f}")

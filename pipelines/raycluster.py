@@ -18,4 +18,17 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     else:
         # No dashboard: it needs ray[default], and the local default must not open ports beyond loopback.
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True,
-                 configure_logging=True, logging_level="WARNING")
+                 configure_logging=True, logging_level="WARNING",
+                 runtime_env={"worker_process_setup_hook": "pipelines.raycluster.quiet_worker_logs"})
+
+
+def quiet_worker_logs() -> None:
+    """Runs in every worker of the local Ray: silence a warning the dashboard-less local default repeats.
+
+    Ray Train's placement-group cleaner asks the State API (served by the dashboard, which the local default does
+    not start) whether the controller lives, and warns every second that it cannot; the warning reached the
+    stage log about once a second for the whole of training. The cleaner still does its work.
+    """
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)

@@ -13,6 +13,8 @@ os.environ.setdefault("AIRFLOW_HOME", str(_TMP / "airflow"))
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(Path(__file__).resolve().parents[1] / "dags"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "True")
+# Warm job servers of the tests live in the tests' own folder and are stopped when the session ends.
+os.environ.setdefault("SEARCHREL_WARM_DIR", str(_TMP / "warm"))
 
 from pipelines.env import apply_defaults  # noqa: E402
 
@@ -38,6 +40,14 @@ def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "artifacts"
     path.mkdir()
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_warm_job_servers():
+    yield
+    from operators.hooks import warm_jobs
+
+    warm_jobs.stop_servers()
 
 
 @pytest.fixture(scope="session")

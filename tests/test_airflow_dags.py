@@ -146,17 +146,20 @@ def test_local_job_runs_once_logs_and_reports(tmp_path):
     assert local_job.status(tmp_path / "jobs" / "unknown") is None
 
 
-def test_local_job_stop_ends_every_process_of_the_job(tmp_path):
+def _probe(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tests.job_probe", *args]
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+def test_local_job_stop_ends_every_process_of_the_job(tmp_path, warm):
     job = tmp_path / "j2"
     # The job starts a grandchild in its own process group, as Ray workers are; stopping must reach it too.
-    script = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
-              "time.sleep(600)'], start_new_session=False, process_group=0); print('child', p.pid, flush=True); "
-              "time.sleep(600)")
-    local_job.submit(job, [sys.executable, "-c", script])
-    deadline = time.time() + 30
+    local_job.submit(job, _probe("--spawn", "--sleep", "600"), cwd=str(REPO_ROOT), warm=warm)
+    deadline = time.time() + 120
     while "child" not in local_job.read_log(job)[0] and time.time() < deadline:
         time.sleep(0.1)
     grandchild = int(local_job.read_log(job)[0].split("child")[1].split()[0])
+    assert ("probe warm=True" in local_job.read_log(job)[0]) is warm
     assert local_job.status(job) == "RUNNING"
     assert local_job.stop(job) is True
     assert _wait_terminal(job) == "STOPPED"
@@ -171,6 +174,58 @@ def test_local_job_stop_ends_every_process_of_the_job(tmp_path):
         time.sleep(0.1)
     else:
         raise AssertionError(f"grandchild {grandchild} survived the stop")
+
+
+def test_warm_job_is_forked_with_the_callers_environment_cwd_and_exit_status(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROBE_VALUE", "from-the-caller")
+    jobs = [tmp_path / f"w{i}" for i in range(2)]
+    for i, job in enumerate(jobs):
+        assert local_job.submit(job, _probe("--exit", str(3 * i), "x y"), cwd=str(REPO_ROOT), warm=True) is True
+    assert [_wait_terminal(job, timeout=180) for job in jobs] == ["SUCCEEDED", "FAILED"]
+    assert local_job.return_code(jobs[1]) == 3
+    text = local_job.read_log(jobs[1])[0]
+    assert "started warm: forked from the job server" in text
+    assert f"probe warm=True cwd={REPO_ROOT} probe_env=from-the-caller argv=['--exit', '3', 'x y']" in text
+    assert "probe stderr line" in text
+    assert local_job.submit(jobs[0], _probe(), warm=True) is False  # same id: no 2nd job
+
+
+def test_warm_start_falls_back_to_a_cold_start(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEARCHREL_WARM_JOBS", "0")
+    local_job.submit(tmp_path / "off", _probe(), cwd=str(REPO_ROOT), warm=True)
+    monkeypatch.delenv("SEARCHREL_WARM_JOBS")
+    local_job.submit(tmp_path / "script", [sys.executable, "-c", "print('not a module')"], warm=True)
+    open_dir = tmp_path / "shared-sockets"
+    open_dir.mkdir(mode=0o755)
+    open_dir.chmod(0o755)  # others may enter: no server sockets there
+    monkeypatch.setenv("SEARCHREL_WARM_DIR", str(open_dir))
+    local_job.submit(tmp_path / "open", _probe(), cwd=str(REPO_ROOT), warm=True)
+    for name in ("off", "script", "open"):
+        assert _wait_terminal(tmp_path / name) == "SUCCEEDED"
+        assert "started warm" not in local_job.read_log(tmp_path / name)[0]
+    assert "probe warm=False" in local_job.read_log(tmp_path / "off")[0]
+    assert not list(open_dir.iterdir())
+
+
+def test_warm_server_fingerprint_follows_code_and_import_time_environment(tmp_path, monkeypatch):
+    from operators.hooks import warm_jobs
+
+    (tmp_path / "pipelines").mkdir()
+    module = tmp_path / "pipelines" / "stage.py"
+    module.write_text("x = 1\n")
+    monkeypatch.setattr(warm_jobs, "PROJECT_ROOT", tmp_path)
+    monkeypatch.setattr(warm_jobs, "PROJECT_PACKAGES", ("pipelines",))
+    first = warm_jobs.fingerprint()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")  # read when used: same server
+    assert warm_jobs.fingerprint() == first
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # read at import: another server
+    assert warm_jobs.fingerprint() != first
+    monkeypatch.undo()
+    monkeypatch.setattr(warm_jobs, "PROJECT_ROOT", tmp_path)
+    monkeypatch.setattr(warm_jobs, "PROJECT_PACKAGES", ("pipelines",))
+    assert warm_jobs.fingerprint() == first
+    module.write_text("x = 22\n")  # edited code: another server
+    assert warm_jobs.fingerprint() != first
 
 
 @pytest.fixture()

@@ -12,7 +12,8 @@ A job is a folder `<jobs_dir>/<submission_id>/`:
 start a process. The supervisor runs in a session of its own, so a job outlives the Airflow task that started it
 (a retry finds it by its id) and stopping it can reach every process it started, Ray's workers included.
 
-No Airflow or Ray imports here: the supervisor is started as `python -m operators.hooks.local_job <job dir>`.
+No Airflow or Ray imports here: the supervisor is started as `python -m operators.hooks.local_job <job dir>`, or,
+for a warm start, forked by `operators.hooks.warm_jobs` (same folder, same supervisor, no interpreter start-up).
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED = "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED"
 TERMINAL = (SUCCEEDED, FAILED, STOPPED)
@@ -53,8 +57,13 @@ def _alive(job_dir: Path) -> int | None:
     return pid if state != "Z" and _start_time(pid) == started else None
 
 
-def submit(job_dir: Path, argv: list[str], env: dict[str, str] | None = None, cwd: str | None = None) -> bool:
-    """Start the job unless a job of this id exists; True if this call started it."""
+def submit(job_dir: Path, argv: list[str], env: dict[str, str] | None = None, cwd: str | None = None,
+           warm: bool = False) -> bool:
+    """Start the job unless a job of this id exists; True if this call started it.
+
+    `warm`: fork a `python -m module ...` job from a server with the libraries imported (`warm_jobs`) instead of
+    starting a fresh interpreter; it falls back to a cold start whenever that is not possible.
+    """
     job_dir = Path(job_dir)
     job_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -65,6 +74,11 @@ def submit(job_dir: Path, argv: list[str], env: dict[str, str] | None = None, cw
     tmp = job_dir / "spec.json.tmp"
     tmp.write_text(json.dumps(spec, indent=2))
     os.replace(tmp, job_dir / "spec.json")
+    if warm:
+        from operators.hooks import warm_jobs
+
+        if warm_jobs.hand_over(job_dir, list(argv), dict(env or {}), cwd):
+            return True
     subprocess.Popen([sys.executable, "-m", "operators.hooks.local_job", str(job_dir)], start_new_session=True,
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                      close_fds=True, cwd=cwd)
@@ -142,10 +156,51 @@ def _kill_session(sid: int, sig: int) -> int:
     return hit
 
 
-def _supervise(job_dir: Path) -> int:
+class ForkedProcess:
+    """The `poll()`/`wait()` of subprocess.Popen for a child this process forked (a warm job)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        while self.returncode is None:
+            try:
+                _, status = os.waitpid(self.pid, 0)
+            except ChildProcessError:  # reaped by poll() in the stop handler meanwhile
+                continue
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+
+@dataclass
+class Launch:
+    """How the supervisor starts the job: `start(log)` returns a Popen-like child writing to `log`."""
+
+    start: Callable[[BinaryIO], Any]
+    note: str = ""
+
+
+def _cold_launch(job_dir: Path) -> Launch:
     spec = json.loads((job_dir / "spec.json").read_text())
     env = {**os.environ, **spec["env"], "PYTHONUNBUFFERED": "1"}
-    child: subprocess.Popen | None = None
+    return Launch(lambda log: subprocess.Popen(spec["argv"], stdout=log, stderr=subprocess.STDOUT,
+                                               stdin=subprocess.DEVNULL, env=env, cwd=spec.get("cwd")))
+
+
+def supervise(job_dir: Path, launch: Launch) -> int:
+    """Run the job to its end in this process's session: pid file, log, stop on SIGTERM, rc. Returns the rc."""
+    child = None
     stop_requested = False
 
     with open(job_dir / "job.log", "ab", buffering=0) as log:
@@ -173,8 +228,9 @@ def _supervise(job_dir: Path) -> int:
         if stop_requested:
             rc = -signal.SIGTERM
         else:
-            child = subprocess.Popen(spec["argv"], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, cwd=spec.get("cwd"))
+            if launch.note:
+                log.write(f"[local job] {launch.note}\n".encode())
+            child = launch.start(log)
             if stop_requested:  # a stop that arrived while the child was being started
                 on_term(signal.SIGTERM, None)
             rc = child.wait()
@@ -188,4 +244,4 @@ def _supervise(job_dir: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if _supervise(Path(sys.argv[1])) == 0 else 1)
+    sys.exit(0 if supervise(Path(sys.argv[1]), _cold_launch(Path(sys.argv[1]))) == 0 else 1)

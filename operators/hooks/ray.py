@@ -4,7 +4,8 @@ Connection `ray_default` (conn type `ray`):
 
 - host `local`, or no such connection at all: the embedded default. The job runs as a local subprocess under a
   detached supervisor (`operators.hooks.local_job`), found again by its submission id. Extras: `jobs_dir` (where
-  job folders go; default `$AIRFLOW_HOME/ray_jobs`).
+  job folders go; default `$AIRFLOW_HOME/ray_jobs`), `warm` (default true: fork jobs from a server that has the
+  libraries imported, see `operators.hooks.warm_jobs`; `SEARCHREL_WARM_JOBS=0` turns it off everywhere).
 - any other host: the Ray Jobs API at `http://host:port` (port 8265 when unset; a host with a scheme is used as
   it is), through `ray.job_submission.JobSubmissionClient`. Extras: `python` (the interpreter on the cluster
   that has searchrel installed; default `python`), `runtime_env` (merged into each job's runtime env),
@@ -115,7 +116,8 @@ class RayHook(BaseHook):
         """Start `python -m module args...` under `submission_id`; False if a job of that id already exists."""
         env = {k: str(v) for k, v in (env or {}).items()}
         if self.target.is_local:
-            return local_job.submit(self.job_dir(submission_id), [sys.executable, "-m", module, *args], env)
+            return local_job.submit(self.job_dir(submission_id), [sys.executable, "-m", module, *args], env,
+                                    warm=bool(self.target.extra.get("warm", True)))
         python = self.target.extra.get("python", "python")
         runtime_env = dict(self.target.extra.get("runtime_env") or {})
         runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
