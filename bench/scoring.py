@@ -27,6 +27,9 @@ def main() -> None:
                         help="tokens decoded per pair (default: the mean token length of these pairs' responses, "
                              "label line and rule-base rationale, under the model's tokenizer)")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--max-description-chars", type=int, default=None,
+                        help="description cut in the prompt (default: the cpu profile's sft.max_description_chars, "
+                             "which the trained model is served with)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     apply_defaults()
@@ -40,8 +43,12 @@ def main() -> None:
     rows = load_pairs(args.pairs)
     model, tok = load_model_and_tokenizer(ModelConfig(name=args.model, dtype=args.dtype),
                                           list(rows["query"]) + list(rows["title"]) + list(rows["rationale"]))
-    prompts = [build_prompt(tok, q, t, d) for q, t, d in zip(rows["query"], rows["title"], rows["description"],
-                                                             strict=True)]
+    if args.max_description_chars is None:
+        from pipelines.config import load_profile
+
+        args.max_description_chars = load_profile("cpu")["taosr1"]["sft"]["max_description_chars"]
+    prompts = [build_prompt(tok, q, t, d, args.max_description_chars)
+               for q, t, d in zip(rows["query"], rows["title"], rows["description"], strict=True)]
     label_ids = label_token_ids(tok, prompts[0])
     if args.rationale_tokens is None:
         responses = [format_response(int(label), rationale, "post_cot")
@@ -60,7 +67,8 @@ def main() -> None:
         timings["decode rationale"].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in timings.items()}
     print(f"\nscoring {args.pairs} CrowdFlower pairs, {args.model} ({args.dtype}), batch {args.batch}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}, {args.rationale_tokens} tokens decoded")
+          f"{torch.get_num_threads()} threads, median of {args.repeats}, {args.rationale_tokens} tokens decoded, "
+          f"descriptions cut at {args.max_description_chars} characters")
     print(f"{'path':<18} {'seconds':>8} {'pairs/s':>9}")
     for name, sec in med.items():
         print(f"{name:<18} {sec:>8.2f} {args.pairs / sec:>9.1f}")
