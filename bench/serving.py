@@ -19,11 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -95,42 +91,20 @@ def bench_prefix(model_dir: Path, rows, repeats: int, batch: int) -> None:
               f"{med['instruction prefix'] / sec:>8.2f}x")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bench_served(model_dir: Path, rows, requests: int) -> None:
     import httpx
     import mlflow
     import numpy as np
 
     from pipelines.relevance.promotion import CHAMPION
-    from pipelines.relevance.serving import ServingSettings, log_relevance_model
+    from pipelines.relevance.serving import ServingSettings, log_relevance_model, served_model
     from pipelines.tracking.runs import configure
 
     root = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     with mlflow.start_run(experiment_id=configure(root, "bench")):
         info = log_relevance_model(model_dir, ServingSettings(batch_size=64), registered_model_name="bench")
     mlflow.MlflowClient().set_registered_model_alias("bench", CHAMPION, str(info.registered_model_version))
-    port = _free_port()
-    env = {**os.environ, "SEARCHREL_ROOT": str(root)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    server = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--name", "bench", "--port",
-                               str(port)], env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise SystemExit("the server did not start") from None
-                time.sleep(1)
+    with served_model("bench", root, quiet=True) as (url, _):
         queries = list(rows.groupby("query", sort=True))
         print(f"\nserved (mlflow models serve, 1 worker, 127.0.0.1), {requests} requests per batch size "
               "after 2 warm-up requests; one request = candidates of one query")
@@ -151,10 +125,6 @@ def bench_served(model_dir: Path, rows, requests: int) -> None:
             lat = np.array(latencies) * 1000
             print(f"{size:>5} {np.percentile(lat, 50):>8.1f} {np.percentile(lat, 99):>8.1f} "
                   f"{size * len(lat) / lat.sum() * 1000:>9.1f}")
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, 15)
-            server.wait(timeout=30)
 
 
 def main() -> None:

@@ -10,10 +10,8 @@ import json
 import multiprocessing
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -32,7 +30,13 @@ from pipelines.relevance.promotion import (
     register_version,
     rollback,
 )
-from pipelines.relevance.serving import PairScorer, ServingSettings, read_serving_card, resolve_model
+from pipelines.relevance.serving import (
+    PairScorer,
+    ServingSettings,
+    read_serving_card,
+    resolve_model,
+    served_model,
+)
 from pipelines.tracking.runs import configure, use_store
 
 pytestmark = pytest.mark.slow
@@ -175,12 +179,6 @@ def _promote_in_process(root: str, name: str, version: str) -> bool:
                    cfg).promoted
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_served_model_answers_http_and_rejects_bad_requests(trained):
     import httpx
 
@@ -189,24 +187,7 @@ def test_served_model_answers_http_and_rejects_bad_requests(trained):
     use_store(root)
     client = MlflowClient()
     client.set_registered_model_alias(name, CHAMPION, results["register"].summary["version"])
-    port = _free_port()
-    env = {**os.environ, "SEARCHREL_ROOT": str(root)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    server = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--name", name, "--port", str(port)],
-                              env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None, "the server exited during start-up"
-            time.sleep(1)
-        else:
-            pytest.fail("mlflow models serve did not become healthy in 120 s")
+    with served_model(name, root, timeout=120) as (url, server):
         good = {"dataframe_split": {"columns": ["query", "title", "description"],
                                     "data": [["usb cable", "USB-C charging cable", "2 m"]]}}
         answer = httpx.post(f"{url}/invocations", json=good, timeout=60)
@@ -228,10 +209,7 @@ def test_served_model_answers_http_and_rejects_bad_requests(trained):
             assert 400 <= reply.status_code < 500, (bad, reply.status_code, reply.text)
             assert reply.json().get("message"), reply.text
         assert httpx.post(f"{url}/invocations", json=good, timeout=60).status_code == 200  # still serving
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, 15)
-            server.wait(timeout=30)
+        assert server.poll() is None
 
 
 def test_batch_scoring_gives_bad_rows_an_error_column(trained, tmp_path):

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipelines.relevance.losses import dpo_loss, nll_loss, sequence_logps
+from pipelines.relevance.sampling import read_model_card
 from pipelines.relevance.sft import (
     MODEL_CARD,
     LoraSettings,
@@ -108,12 +109,6 @@ class DPOConfig:
 
 
 # ----------------------------------------------------------------------------------------------------- data
-
-
-def read_card(model_dir: Path) -> dict[str, Any]:
-    """The `searchrel.json` written beside a trained model (prompt settings, response style, label ids)."""
-    path = Path(model_dir) / MODEL_CARD
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def tokenize_pairs(pairs: pd.DataFrame, tokenizer, max_length: int, response_style: str) -> pa.Table:
@@ -319,7 +314,7 @@ def prepare_pairs(pairs_df: pd.DataFrame, sft_model_dir: Path, config: DPOConfig
         meta = pq.read_schema(path).metadata or {}
         if meta.get(b"config_digest", b"").decode() == config_digest:
             return {"reference_seconds": 0.0, "reused": True}
-    card = read_card(sft_model_dir)
+    card = read_model_card(sft_model_dir)
     t0 = time.perf_counter()
     reference, tokenizer = load_model(sft_model_dir, "bfloat16" if config.bf16 else "float32")
     for p in reference.parameters():

@@ -16,6 +16,9 @@ serving environment (`mlflow models serve --env-manager local` from this project
 from __future__ import annotations
 
 import json
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,3 +262,54 @@ def resolve_model(model: str, root: Path | None = None) -> Path:
     from pipelines.relevance.evaluation import resolve_model_dir
 
     return resolve_model_dir(model)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def served_model(name: str, root: Path, *, alias: str = "champion", timeout: float = 180.0,
+                 quiet: bool = False) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`searchrel serve` of a registered model on a free loopback port, up for the block; yields (url, process).
+
+    For benchmarks and tests: waits until /health answers (failing early if the server exits) and stops the
+    server's whole process group afterwards.
+    """
+    import os
+    import signal
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    env = {**os.environ, "SEARCHREL_ROOT": str(root)}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the store under `root`
+    output = subprocess.DEVNULL if quiet else None
+    server = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--name", name, "--alias", alias,
+                               "--port", str(port)], env=env, start_new_session=True, stdout=output, stderr=output)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None:
+                raise RuntimeError(f"`searchrel serve --name {name}` exited with {server.returncode} during start-up")
+            if time.time() > deadline:
+                raise TimeoutError(f"`searchrel serve --name {name}` did not answer {url}/health in {timeout:.0f} s")
+            time.sleep(0.5)
+        yield url, server
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
