@@ -251,7 +251,8 @@ def score_model(model_dir: Path, splits: dict[str, pd.DataFrame], style: str | N
                                                       strict=True)]
         if style == "pre_cot":
             texts = [r[0] for r in generate_responses(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                                                      batch_size=cfg.batch_size, max_length=cfg.max_length)]
+                                                      batch_size=cfg.batch_size, max_length=cfg.max_length,
+                                                      progress=True)]
             out[split], malformed = probs_from_generations(texts, style)
             out["malformed"] += malformed
         else:

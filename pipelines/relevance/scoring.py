@@ -177,6 +177,7 @@ def generate_responses(
     top_p: float = 1.0,
     num_return_sequences: int = 1,
     seed: int = 0,
+    progress: bool = False,
 ) -> list[list[str]]:
     """Decode responses (greedy by default): the slow path that first-token scoring avoids."""
     token_ids = tokenize_prompts(tokenizer, prompts, max_length)
@@ -185,7 +186,12 @@ def generate_responses(
     was_training = model.training
     model.eval()
     torch.manual_seed(seed)
-    for batch in length_batches([len(t) for t in token_ids], batch_size):
+    batches = length_batches([len(t) for t in token_ids], batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="decoding", unit="batch", mininterval=2.0)
+    for batch in batches:
         input_ids, mask, _ = left_pad([token_ids[i] for i in batch], pad_id)
         generated = model.generate(
             input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
