@@ -36,7 +36,8 @@ def _round(row: dict[str, Any]) -> dict[str, Any]:
 def _row(label: str, test: dict[str, Any], tiers: dict[str, Any] | None,
          hallucination: dict[str, Any] | None = None) -> dict[str, Any]:
     f1 = test.get("f1_per_level", {})
-    row = {"model": label, "accuracy": test.get("accuracy"), "macro_f1": test.get("macro_f1"),
+    row = {"model": label, "test pairs": test.get("n"), "accuracy": test.get("accuracy"),
+           "macro_f1": test.get("macro_f1"),
            "qwk": test.get("qwk"), **{f"F1 L{k}": f1.get(str(k)) for k in (4, 3, 2, 1)},
            "nDCG@10": test.get("ndcg_at_10"),
            "tier F1 CumPT": (tiers or {}).get("cumpt", {}).get("test_macro_f1"),
@@ -103,6 +104,9 @@ def render_report(root: Path, run_key: str) -> tuple[str, list[dict[str, Any]]]:
         raise FileNotFoundError(f"run {run_key!r} under {root} has no evaluated stages yet")
     text = f"# TaoSR1 ablation, run `{run_key}` (test split)\n\n" + tabulate(rows, headers="keys",
                                                                             tablefmt="github") + "\n"
+    if len({r["test pairs"] for r in rows}) > 1:
+        text += ("\nRows with fewer test pairs were scored on a seeded subsample of test (`evaluate.max_examples`): "
+                 "compare them with care, nDCG@10 most of all (fewer items per query rank more easily).\n")
     curve = pass_at_k_rows(root, run_key)
     if curve:
         text += ("\n## pass@k of the SFT model on training prompts\n\nUnbiased estimator over N samples per prompt "
