@@ -23,11 +23,11 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 
 
 def quiet_worker_logs() -> None:
-    """Runs in every worker of the local Ray: silence a warning the dashboard-less local default repeats.
+    """Runs in every worker of the local Ray: silence a warning that floods stage logs.
 
-    Ray Train's placement-group cleaner asks the State API (served by the dashboard, which the local default does
-    not start) whether the controller lives, and warns every second that it cannot; the warning reached the
-    stage log about once a second for the whole of training. The cleaner still does its work.
+    Ray Train's placement-group cleaner asks the State API whether the controller lives; with more than one local
+    Ray on the machine (two stage jobs, or a job and a test) that fails ("Found multiple active Ray instances")
+    and it warns about once a second for the whole of training. Errors still get through.
     """
     import logging
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -289,3 +290,15 @@ def test_trigger_on_kill_stops_the_job(local_conn):
     assert classpath == "operators.triggers.ray.RayJobTrigger"
     asyncio.run(RayJobTrigger(**kwargs).on_kill())
     assert _wait_terminal(local_conn / sid) == "STOPPED"
+
+
+def test_forked_process_reports_the_exit_status_and_never_waits_for_a_lost_child():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(3)
+    assert local_job.ForkedProcess(pid).wait() == 3
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)  # reaped by someone else: the status is gone
+    assert local_job.ForkedProcess(pid).wait() == 1

@@ -177,8 +177,10 @@ class ForkedProcess:
         while self.returncode is None:
             try:
                 _, status = os.waitpid(self.pid, 0)
-            except ChildProcessError:  # reaped by poll() in the stop handler meanwhile
-                continue
+            except ChildProcessError:  # reaped already: by poll() in the stop handler, or lost to someone else
+                if self.returncode is None:
+                    self.returncode = 1  # the status is gone; report a failure rather than wait forever
+                break
             self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 

@@ -208,7 +208,6 @@ def _run_module_in_child(argv: list[str], env: dict[str, str], cwd: str, log) ->
             with contextlib.suppress(Exception):  # nothing left to report to
                 stream.flush()
         os._exit(code)
-    return 0  # not reached
 
 
 def _start_supervisor(request: dict, listener: socket.socket) -> None:
