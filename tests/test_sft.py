@@ -7,8 +7,10 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import kill_session
 
 from pipelines.config import build_config
@@ -164,3 +166,35 @@ def test_response_loss_equals_the_hf_loss_and_weights_the_label():
     assert float(response_loss(model, batch)) == pytest.approx(float(hf), abs=1e-5)
     weighted = collate(ids, [3, 2], 0, label_pos=[3, 2], label_weight=[5.0, 5.0])
     assert float(response_loss(model, weighted)) != pytest.approx(float(hf), abs=1e-4)
+
+
+def test_level_loss_adds_a_four_way_cross_entropy_at_the_label_position():
+    from pipelines.relevance.models import ModelConfig, load_model_and_tokenizer
+    from pipelines.relevance.sft import collate, response_loss
+
+    model, _ = load_model_and_tokenizer(ModelConfig(), ["red shoes for men", "blue lamp"])
+    ids = [[1, 5, 6, 7, 8, 9, 2], [1, 5, 6, 7, 2]]
+    level_ids = torch.tensor([10, 11, 12, 13])
+    batch = collate(ids, [3, 2], 0, label_pos=[3, 2], label_weight=[1.0, 1.0], levels=[4, 2],
+                    level_weight=[1.0, 3.0])
+    token_only = response_loss(model, batch)
+    assert float(response_loss(model, batch, level_ids, 0.0)) == pytest.approx(float(token_only))
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    four_way = torch.stack([logits[0, 2, level_ids], logits[1, 1, level_ids]])  # read one position before the label
+    ce = torch.nn.functional.cross_entropy(four_way, torch.tensor([3, 1]), reduction="none")
+    expected = float(token_only) + 0.5 * float((ce * torch.tensor([1.0, 3.0])).sum() / 4.0)
+    assert float(response_loss(model, batch, level_ids, 0.5)) == pytest.approx(expected, abs=1e-5)
+
+
+def test_level_balance_powers_the_inverse_frequency():
+    from pipelines.relevance.sft import SFTConfig, label_weights, level_balance
+
+    labels = np.array([4, 4, 4, 1])  # n / (2 levels * n_level): level 4 -> 4/6, level 1 -> 2
+    assert level_balance(labels, SFTConfig()).tolist() == [1.0] * 4
+    full = level_balance(labels, SFTConfig(balance_label_classes=True))
+    assert full.tolist() == pytest.approx([2 / 3] * 3 + [2.0])
+    root = level_balance(labels, SFTConfig(balance_label_classes=True, balance_power=0.5))
+    assert root.tolist() == pytest.approx(list(np.sqrt(full)))
+    assert label_weights(labels, SFTConfig(balance_label_classes=True, label_loss_weight=5.0)).tolist() == \
+        pytest.approx(list(5 * full))

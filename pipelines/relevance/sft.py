@@ -88,8 +88,19 @@ class SFTConfig:
     )
     balance_label_classes: bool = field(
         default=False,
-        metadata={"help": "Scale each label token's weight by n / (4 * n_level) of the training pairs, so rare "
-                  "levels count as much as common ones (macro-F1 rewards that)."},
+        metadata={"help": "Scale each label token's weight by (n / (4 * n_level)) ** balance_power of the training "
+                  "pairs, so rare levels count (nearly) as much as common ones (macro-F1 rewards that)."},
+    )
+    balance_power: float = field(
+        default=1.0,
+        metadata={"help": "Exponent of the inverse level frequency when balancing: 1 = full, 0.5 = square root "
+                  "(milder: full balancing can swing a small model to the rare levels)."},
+    )
+    level_loss_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of an added 4-way cross-entropy over the level tokens' logits at the label "
+                  "position (0 = off, the paper's plain next-token loss). A classifier loss: the model cannot "
+                  "lower it by moving mass between other tokens; from-scratch models learn the levels with it."},
     )
     lr_schedule: str = field(default="cosine", metadata={"help": "Decay after warm-up: cosine, linear or constant."})
     gradient_clipping: float = field(default=1.0, metadata={"help": "Global gradient-norm clip (0 = off)."})
@@ -160,19 +171,26 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, w
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def level_balance(labels: np.ndarray, config: SFTConfig) -> np.ndarray:
+    """Per pair (n / (n_levels * n_level)) ** balance_power if `balance_label_classes`, else 1."""
+    if not config.balance_label_classes:
+        return np.ones(len(labels), dtype=np.float64)
+    levels, counts = np.unique(labels, return_counts=True)
+    scale = {lvl: (len(labels) / (len(levels) * n)) ** config.balance_power
+             for lvl, n in zip(levels, counts, strict=True)}
+    return np.array([scale[lvl] for lvl in labels], dtype=np.float64)
+
+
 def label_weights(labels: np.ndarray, config: SFTConfig) -> np.ndarray:
-    """Loss weight of each pair's label token: `label_loss_weight`, times inverse level frequency if balanced."""
-    weights = np.full(len(labels), config.label_loss_weight, dtype=np.float64)
-    if config.balance_label_classes:
-        levels, counts = np.unique(labels, return_counts=True)
-        scale = {lvl: len(labels) / (len(levels) * n) for lvl, n in zip(levels, counts, strict=True)}
-        weights *= np.array([scale[lvl] for lvl in labels])
-    return weights
+    """Loss weight of each pair's label token: `label_loss_weight` times the level balance."""
+    return config.label_loss_weight * level_balance(labels, config)
 
 
 def collate(input_ids: list[list[int]], starts: list[int], pad_id: int,
-            label_pos: list[int] | None = None, label_weight=None) -> dict[str, torch.Tensor]:
-    """Right-padded batch; `labels` is -100 outside the response, `weights` up-weights the label token."""
+            label_pos: list[int] | None = None, label_weight=None,
+            levels=None, level_weight=None) -> dict[str, torch.Tensor]:
+    """Right-padded batch; `labels` is -100 outside the response, `weights` up-weights the label token.
+    With `levels` (1-4) and `level_weight`, it also carries what :func:`response_loss`'s level loss needs."""
     width = max(len(s) for s in input_ids)
     ids = torch.full((len(input_ids), width), pad_id, dtype=torch.long)
     labels = torch.full((len(input_ids), width), -100, dtype=torch.long)
@@ -186,7 +204,12 @@ def collate(input_ids: list[list[int]], starts: list[int], pad_id: int,
         weights[row, start:len(seq)] = 1.0
         if label_pos is not None and label_weight is not None:
             weights[row, label_pos[row]] = float(label_weight[row])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "weights": weights}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "weights": weights}
+    if levels is not None:
+        batch["label_pos"] = torch.tensor(list(label_pos), dtype=torch.long)
+        batch["level"] = torch.tensor([int(v) - 1 for v in levels], dtype=torch.long)
+        batch["level_weight"] = torch.tensor(list(level_weight), dtype=torch.float32)
+    return batch
 
 
 def causal_lm_parts(model):
@@ -197,8 +220,11 @@ def causal_lm_parts(model):
     return module.model, module.lm_head
 
 
-def response_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Weighted token-mean cross-entropy over response tokens (equals the HF loss when all weights are 1).
+def response_loss(model, batch: dict[str, torch.Tensor], level_ids: torch.Tensor | None = None,
+                  level_loss_weight: float = 0.0) -> torch.Tensor:
+    """Weighted token-mean cross-entropy over response tokens (equals the HF loss when all weights are 1), plus
+    `level_loss_weight` x the weighted mean 4-way cross-entropy over the logits of `level_ids` (the tokens of
+    levels 1-4) at each pair's label position, when the batch carries levels (see :func:`collate`).
 
     The output layer runs only at response positions: the prompt is most of each sequence, and on a
     49k-token vocabulary its logits would cost a fifth of the model's FLOPs and most of its activation memory.
@@ -211,7 +237,15 @@ def response_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     logits = lm_head(hidden[:, :-1][keep])
     ce = torch.nn.functional.cross_entropy(logits.float(), batch["labels"][:, 1:][keep], reduction="none")
     w = weights[keep]
-    return (ce * w).sum() / w.sum().clamp(min=1.0)
+    loss = (ce * w).sum() / w.sum().clamp(min=1.0)
+    if level_loss_weight and "level" in batch:
+        # hidden state t predicts token t + 1, so the label token at p is read from position p - 1
+        at_label = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch["label_pos"] - 1]
+        level_logits = lm_head(at_label).float()[:, level_ids]
+        level_ce = torch.nn.functional.cross_entropy(level_logits, batch["level"], reduction="none")
+        lw = batch["level_weight"]
+        loss = loss + level_loss_weight * (level_ce * lw).sum() / lw.sum().clamp(min=1e-9)
+    return loss
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
@@ -342,6 +376,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     train = pq.read_table(paths["train"]).to_pydict()
     lengths = np.array([len(s) for s in train["input_ids"]])
     label_weight = label_weights(np.array(train["label"]), config)
+    level_weight = level_balance(np.array(train["label"]), config)
     per_step = config.micro_batch_size * world
     batches_per_epoch = [b for b in epoch_batches(lengths, per_step, config.seed, 0, config.bucket_window)]
     micro_per_epoch = len(batches_per_epoch)
@@ -363,6 +398,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     tracker = _Tracker(cfg.get("mlflow"), rank)
     val = pq.read_table(paths["val"]).to_pandas()
     label_ids = {int(k): v for k, v in cfg["label_ids"].items()}
+    level_ids = torch.tensor([label_ids[level] for level in (1, 2, 3, 4)], device=engine.device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     progress = _progress(rank, total_steps, step)
     tokens_seen, t_start, history = 0, time.perf_counter(), []
@@ -376,8 +412,10 @@ def train_loop(cfg: dict[str, Any]) -> None:
         for indices in micro:
             mine = indices[rank::world]
             batch = collate([train["input_ids"][i] for i in mine], [train["response_start"][i] for i in mine],
-                            pad_id, [train["label_pos"][i] for i in mine], label_weight[mine])
-            loss = response_loss(engine, {k: v.to(engine.device) for k, v in batch.items()})
+                            pad_id, [train["label_pos"][i] for i in mine], label_weight[mine],
+                            [train["label"][i] for i in mine], level_weight[mine])
+            loss = response_loss(engine, {k: v.to(engine.device) for k, v in batch.items()}, level_ids,
+                                 config.level_loss_weight)
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
