@@ -127,6 +127,21 @@ def test_search_drops_noise_and_keeps_main_effects(small):
     assert not noise & kept, (kept, json.loads(result["arch"])["keep_probs"])
 
 
+def test_a_warm_started_trial_resumes_after_the_warmup(small):
+    _, spec, data, table = small
+    cfg = _search_cfg(epochs=3, warmup_epochs=2)
+    warm = train_supernet(data["train"], data["val"], None, table, cfg, 0.0, 0, spec, warmup_only=True)
+    assert warm["epoch"] == 2 and set(json.loads(warm["arch"])["keep_probs"].values()) == {0.7311}  # gates untouched
+    epochs = []
+    result = train_supernet(data["train"], data["val"], None, table, cfg, 0.3, 0, spec, warm_start=warm["state"],
+                            report=lambda m: epochs.append(m["epoch"]))
+    assert epochs == [3]  # only the search epoch ran
+    cold = train_supernet(data["train"], data["val"], None, table, _search_cfg(epochs=1, warmup_epochs=0), 0.3, 0,
+                          spec)
+    assert result["val_auc"] > cold["val_auc"] + 0.005, (result["val_auc"], cold["val_auc"])  # trained weights
+    assert set(json.loads(result["arch"])["keep_probs"].values()) != {0.7311}
+
+
 def test_larger_lambda_is_never_slower(small):
     _, spec, data, table = small
     latency = LatencyModel(table)

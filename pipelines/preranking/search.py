@@ -20,7 +20,14 @@ architecture part (`arch_fraction`, first-order DARTS: architecture logits are f
 not fitted on; the validation split stays untouched for ASHA and selection). `warmup_epochs` epochs update
 only the weights (every feature on, ops sampled so every width and skip path gets trained: features that
 matter only jointly, like interaction pairs, must be learnt before their gates are judged), then every step is one weight
-step on a weight-part batch followed by one architecture step on an architecture-part batch. The Gumbel
+step on a weight-part batch followed by one architecture step on an architecture-part batch.
+
+Shared warm-up (`shared_warmup`, the default): the warm-up does not depend on lambda, so it runs once per seed
+(a Tune run of its own) and every lambda's trial with that seed starts from its weights (safetensors in the
+stage's scratch folder; the Adam state starts fresh). That divides the warm-up's cost by the number of lambdas,
+which buys the longer warm-up on more rows that interaction-only features need: with 2 warm-up epochs on 60k
+rows per trial, the supernet had not learnt them when their gates were judged and dropped them from lambda=0.05
+up. Epochs are counted from the first warm-up epoch either way; ASHA reads the `epoch` reported. The Gumbel
 temperature decays geometrically from tau_start to tau_end over the epochs. After each epoch the derived
 architecture (gates p_f > gate_threshold, argmax op per layer) is scored on validation with the shared
 weights; that AUC is what ASHA reads.
@@ -84,6 +91,9 @@ class SearchConfig:
     cpus_per_trial: float = field(default=1.0, metadata={"help": "Ray CPUs per trial (2 concurrent on 2 CPUs)."})
     trial_threads: int = field(default=1, metadata={"help": "torch threads inside a trial."})
     random_search: bool = field(default=True, metadata={"help": "Run the random-architecture baseline."})
+    shared_warmup: bool = field(default=True, metadata={
+        "help": "Warm up once per seed and start every lambda's trial from it (see module docstring); off = "
+                "each trial runs its own warm-up."})
 
 
 def _tau(cfg: SearchConfig, epoch: int) -> float:
@@ -93,9 +103,13 @@ def _tau(cfg: SearchConfig, epoch: int) -> float:
 
 
 def train_supernet(train: ClickData, val: ClickData, teacher_train: np.ndarray | None, table: dict[str, Any],
-                   cfg: SearchConfig, lam: float, seed: int, spec, report=None) -> dict[str, Any]:
+                   cfg: SearchConfig, lam: float, seed: int, spec, report=None,
+                   warm_start: dict[str, torch.Tensor] | None = None, warmup_only: bool = False) -> dict[str, Any]:
     """One search trial. `report(metrics)` is called after every epoch (Ray Tune's `tune.report` in a trial);
-    returns the last epoch's metrics with the derived architecture and the final probabilities."""
+    returns the last epoch's metrics with the derived architecture and the final probabilities.
+
+    `warmup_only` runs just the weight-only warm-up epochs and adds the supernet's weights to the result
+    (`"state"`); `warm_start` (such weights, from the same seed) skips the warm-up."""
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 31])
     latency = LatencyModel(table)
@@ -103,6 +117,11 @@ def train_supernet(train: ClickData, val: ClickData, teacher_train: np.ndarray |
     net = Supernet(spec, int(table["embedding_dim"]), list(table["widths"]), int(table["n_layers"]), cfg.gate_init)
     if net.features != latency.names:
         raise ValueError("the latency table was measured on other features than the data has; rerun latency")
+    first_epoch, last_epoch = 0, (cfg.warmup_epochs if warmup_only else cfg.epochs)
+    if warm_start is not None:
+        net.load_state_dict(warm_start)
+        first_epoch = cfg.warmup_epochs
+        torch.manual_seed(seed + 1)  # not the warm-up's sampling noise over again
     w_opt = torch.optim.Adam(net.weight_parameters(), lr=cfg.lr)
     a_opt = torch.optim.Adam(net.arch_parameters(), lr=cfg.arch_lr)
     order = rng.permutation(len(train))
@@ -121,7 +140,7 @@ def train_supernet(train: ClickData, val: ClickData, teacher_train: np.ndarray |
 
     started = time.perf_counter()
     last: dict[str, Any] = {}
-    for epoch in range(cfg.epochs):
+    for epoch in range(first_epoch, last_epoch):
         tau = _tau(cfg, epoch)
         net.train()
         w_order = torch.from_numpy(rng.permutation(weight_rows))
@@ -155,22 +174,46 @@ def train_supernet(train: ClickData, val: ClickData, teacher_train: np.ndarray |
                 "arch": json.dumps(arch, sort_keys=True)}
         if report is not None:
             report(last)
+    if warmup_only:
+        last["state"] = {k: v.detach().clone() for k, v in net.state_dict().items()}
     return last
 
 
 # --------------------------------------------------------------------------------------------- Ray Tune
 
 
-def _nas_trainable(config: dict[str, Any], train=None, val=None, teacher=None, table=None, cfg=None, spec=None):
+def _warm_file(warm_dir: Path, seed: int) -> Path:
+    return Path(warm_dir) / f"supernet-warmup-seed{seed}.safetensors"
+
+
+def _warmup_trainable(config: dict[str, Any], train=None, val=None, teacher=None, table=None, cfg=None, spec=None,
+                      warm_dir=None):
     from ray import tune
+    from safetensors.torch import save_file
 
     torch.set_num_threads(cfg.trial_threads)
-    train_supernet(train, val, teacher, table, cfg, float(config["lambda"]), int(config["seed"]), spec,
-                   report=tune.report)
+    seed = int(config["seed"])
+    result = train_supernet(train, val, teacher, table, cfg, 0.0, seed, spec, report=tune.report, warmup_only=True)
+    target = _warm_file(warm_dir, seed)
+    tmp = target.with_suffix(".tmp")
+    save_file(result["state"], str(tmp))
+    tmp.replace(target)  # a trial never reads a half-written file
+
+
+def _nas_trainable(config: dict[str, Any], train=None, val=None, teacher=None, table=None, cfg=None, spec=None,
+                   warm_dir=None):
+    from ray import tune
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(cfg.trial_threads)
+    seed = int(config["seed"])
+    warm_start = load_file(str(_warm_file(warm_dir, seed))) if warm_dir is not None else None
+    train_supernet(train, val, teacher, table, cfg, float(config["lambda"]), seed, spec, report=tune.report,
+                   warm_start=warm_start)
 
 
 def _random_trainable(config: dict[str, Any], train=None, val=None, teacher=None, table=None, cfg=None,
-                      spec=None):
+                      spec=None, warm_dir=None):
     from ray import tune
 
     torch.set_num_threads(cfg.trial_threads)
@@ -194,7 +237,7 @@ def _tune(trainable, param_space: dict[str, Any], cfg: SearchConfig, storage: Pa
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(cfg.epochs, 1),
+    scheduler = ASHAScheduler(time_attr="epoch", max_t=max(cfg.epochs, 1),
                               grace_period=min(cfg.grace_period, cfg.epochs),
                               reduction_factor=cfg.reduction_factor) if asha else FIFOScheduler()
     tuner = tune.Tuner(
@@ -247,6 +290,13 @@ def run_search(train: ClickData, val: ClickData, teacher_train: np.ndarray | Non
     scratch.mkdir(parents=True, exist_ok=True)
     latency = LatencyModel(table)
     started = time.perf_counter()
+    warmups = []
+    if cfg.shared_warmup and 0 < cfg.warmup_epochs < cfg.epochs:
+        warm_dir = Path(tempfile.mkdtemp(dir=scratch))
+        warmups = _tune(_warmup_trainable, {"seed": tune.grid_search(list(cfg.seeds))}, cfg,
+                        Path(tempfile.mkdtemp(dir=scratch)), "warmup", {**data, "warm_dir": warm_dir}, asha=False)
+        data = {**data, "warm_dir": warm_dir}
+    warmup_seconds = time.perf_counter() - started
     nas, derived = [], []
     for lam in cfg.lambdas:
         trials = _tune(_nas_trainable, {"lambda": lam, "seed": tune.grid_search(list(cfg.seeds))}, cfg,
@@ -282,7 +332,8 @@ def run_search(train: ClickData, val: ClickData, teacher_train: np.ndarray | Non
             randoms.append({"arch": arch, "val_auc": best_auc, "predicted_us": latency.predict(arch)})
         matches = pick_random_matches(derived, randoms)
     return {"derived": derived, "nas_trials": nas, "random_trials": randoms, "random_matches": matches,
-            "nas_seconds": nas_seconds, "random_seconds": random_seconds, "n_trials": len(nas),
+            "nas_seconds": nas_seconds, "warmup_seconds": warmup_seconds, "random_seconds": random_seconds,
+            "warmup_trials": [{"config": w["config"], "history": w["history"]} for w in warmups], "n_trials": len(nas),
             "config": asdict(cfg), "reference_us": latency.full_reference()}
 
 
