@@ -95,9 +95,10 @@ def bench_ours(model, tokenizer, prompts, chosen, rejected, args) -> dict:
 
 def bench_trl(model, tokenizer, prompts, chosen, rejected, args, fastest: bool) -> dict:
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import DPOConfig as TRLConfig
     from trl import DPOTrainer
+
+    from bench.sft import TRL_TIMING_ARGS, trl_step_timer
 
     data = Dataset.from_dict({"prompt": prompts, "chosen": chosen, "rejected": rejected})
     precompute = {"seconds": 0.0}
@@ -109,18 +110,7 @@ def bench_trl(model, tokenizer, prompts, chosen, rejected, args, fastest: bool) 
         precompute["seconds"] += time.perf_counter() - t0
         return out
 
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.start = self.tokens0 = None
-
-        def on_step_begin(self, targs, state, control, **kw):
-            if state.global_step == args.warmup:
-                self.start, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
-
-        def on_step_end(self, targs, state, control, **kw):
-            self.end, self.tokens1 = time.perf_counter(), state.num_input_tokens_seen
-
-    timer = Timer()
+    timer = trl_step_timer(args.warmup)
     extra = {"gradient_checkpointing": False, "precompute_ref_log_probs": True,
              "precompute_ref_batch_size": 2 * args.batch} if fastest else {}
     DPOTrainer._precompute_ref_logps = timed
@@ -128,9 +118,7 @@ def bench_trl(model, tokenizer, prompts, chosen, rejected, args, fastest: bool) 
         with tempfile.TemporaryDirectory() as out:
             targs = TRLConfig(output_dir=out, per_device_train_batch_size=args.batch, max_length=args.max_length,
                               max_steps=args.warmup + args.steps, learning_rate=args.lr, beta=args.beta,
-                              use_cpu=True, report_to="none", save_strategy="no", logging_steps=10**6, bf16=False,
-                              include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
-                              lr_scheduler_type="constant", seed=0, **extra)
+                              bf16=False, **TRL_TIMING_ARGS, **extra)
             trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=targs, train_dataset=data,
                                  processing_class=tokenizer, callbacks=[timer])
             trainer.train()

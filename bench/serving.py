@@ -57,13 +57,13 @@ def build_model_dir(name: str, rows, out: Path) -> Path:
     return out
 
 
-def bench_prefix(model_dir: Path, rows, repeats: int, batch: int) -> None:
+def bench_prefix(model_dir: Path, rows, repeats: int, batch: int, dtype: str) -> None:
     import torch
 
     from pipelines.relevance.scoring import first_token_probs
-    from pipelines.relevance.serving import PairScorer
+    from pipelines.relevance.serving import PairScorer, ServingSettings
 
-    scorer = PairScorer(model_dir)
+    scorer = PairScorer(model_dir, ServingSettings(dtype=dtype))
     prompts = [scorer.prompt(q, t, d) for q, t, d in zip(rows["query"], rows["title"], rows["description"],
                                                          strict=True)]
     ways = {"no prefix reuse": {"share_prefix": False}, "instruction prefix": {"share_prefix": True},
@@ -83,7 +83,7 @@ def bench_prefix(model_dir: Path, rows, repeats: int, batch: int) -> None:
     med = {k: statistics.median(v) for k, v in timings.items()}
     n = len(prompts)
     per_query = rows.groupby("query").size().iloc[0]
-    print(f"\nfirst-token scoring, {n} pairs ({n // per_query} queries x {per_query} items), batch {batch}, "
+    print(f"\nfirst-token scoring ({dtype}), {n} pairs ({n // per_query} queries x {per_query} items), batch {batch}, "
           f"{torch.get_num_threads()} threads, median of {repeats}; max |p diff| {worst:.1e}")
     print(f"{'prefix reuse':<28} {'seconds':>8} {'pairs/s':>9} {'vs none':>8} {'vs instr.':>9}")
     for name, sec in med.items():
@@ -91,7 +91,7 @@ def bench_prefix(model_dir: Path, rows, repeats: int, batch: int) -> None:
               f"{med['instruction prefix'] / sec:>8.2f}x")
 
 
-def bench_served(model_dir: Path, rows, requests: int) -> None:
+def bench_served(model_dir: Path, rows, requests: int, dtype: str) -> None:
     import httpx
     import mlflow
     import numpy as np
@@ -102,11 +102,12 @@ def bench_served(model_dir: Path, rows, requests: int) -> None:
 
     root = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     with mlflow.start_run(experiment_id=configure(root, "bench")):
-        info = log_relevance_model(model_dir, ServingSettings(batch_size=64), registered_model_name="bench")
+        info = log_relevance_model(model_dir, ServingSettings(batch_size=64, dtype=dtype),
+                                   registered_model_name="bench")
     mlflow.MlflowClient().set_registered_model_alias("bench", CHAMPION, str(info.registered_model_version))
     with served_model("bench", root, quiet=True) as (url, _):
         queries = list(rows.groupby("query", sort=True))
-        print(f"\nserved (mlflow models serve, 1 worker, 127.0.0.1), {requests} requests per batch size "
+        print(f"\nserved ({dtype}, mlflow models serve, 1 worker, 127.0.0.1), {requests} requests per batch size "
               "after 2 warm-up requests; one request = candidates of one query")
         print(f"{'batch':>5} {'p50 ms':>8} {'p99 ms':>8} {'pairs/s':>9}")
         for size in (1, 16, 64):
@@ -136,15 +137,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--requests", type=int, default=30, help="timed requests per served batch size")
     parser.add_argument("--skip-served", action="store_true")
+    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (scoring and served model)")
     args = parser.parse_args()
     apply_defaults()
     rows = load_groups(args.queries, args.items)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model_dir(args.model, rows, Path(tmp) / "model")
         print(f"model: {args.model}")
-        bench_prefix(model_dir, rows, args.repeats, args.batch)
+        bench_prefix(model_dir, rows, args.repeats, args.batch, args.dtype)
         if not args.skip_served:
-            bench_served(model_dir, rows, args.requests)
+            bench_served(model_dir, rows, args.requests, args.dtype)
 
 
 if __name__ == "__main__":

@@ -87,9 +87,33 @@ def bench_ours(model, tokenizer, rows, args) -> dict:
     return {"tokens": tokens, "seconds": seconds}
 
 
+# What every TRL run of the benchmarks shares: CPU, no logging or saving, constant LR, counted input tokens.
+TRL_TIMING_ARGS = {"use_cpu": True, "report_to": "none", "save_strategy": "no", "logging_steps": 10**6,
+                   "include_num_input_tokens_seen": "non_padding", "dataloader_num_workers": 0,
+                   "lr_scheduler_type": "constant", "seed": 0}
+
+
+def trl_step_timer(warmup_steps: int):
+    """A TrainerCallback that times the steps after the first `warmup_steps` and counts their input tokens:
+    `tokens1 - tokens0` tokens in `end - start` seconds."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.start = self.tokens0 = None
+
+        def on_step_begin(self, targs, state, control, **kw):
+            if state.global_step == warmup_steps:
+                self.start, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
+
+        def on_step_end(self, targs, state, control, **kw):
+            self.end, self.tokens1 = time.perf_counter(), state.num_input_tokens_seen
+
+    return StepTimer()
+
+
 def bench_trl(model, tokenizer, rows, args, gradient_checkpointing: bool | None) -> dict:
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import SFTConfig as TRLConfig
     from trl import SFTTrainer
 
@@ -100,25 +124,12 @@ def bench_trl(model, tokenizer, rows, args, gradient_checkpointing: bool | None)
     eos = tokenizer.eos_token
     data = Dataset.from_dict({"prompt": list(ex["prompt"]), "completion": [r + eos for r in ex["response"]]})
 
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.start = self.tokens0 = None
-
-        def on_step_begin(self, targs, state, control, **kw):
-            if state.global_step == args.warmup:
-                self.start, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
-
-        def on_step_end(self, targs, state, control, **kw):
-            self.end, self.tokens1 = time.perf_counter(), state.num_input_tokens_seen
-
-    timer = Timer()
+    timer = trl_step_timer(args.warmup)
     extra = {} if gradient_checkpointing is None else {"gradient_checkpointing": gradient_checkpointing}
     with tempfile.TemporaryDirectory() as out:
         targs = TRLConfig(output_dir=out, per_device_train_batch_size=args.batch, max_length=args.max_length,
-                          max_steps=args.warmup + args.steps, learning_rate=args.lr, use_cpu=True,
-                          report_to="none", save_strategy="no", logging_steps=10**6, bf16=args.bf16,
-                          include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
-                          lr_scheduler_type="constant", seed=0, **extra)
+                          max_steps=args.warmup + args.steps, learning_rate=args.lr, bf16=args.bf16,
+                          **TRL_TIMING_ARGS, **extra)
         trainer = SFTTrainer(model=model, args=targs, train_dataset=data, processing_class=tokenizer,
                              callbacks=[timer])
         trainer.train()

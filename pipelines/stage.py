@@ -129,6 +129,15 @@ def stage_dir(root: Path, pipeline: str, run_key: str, stage: str) -> Path:
     return run_dir(root, pipeline, run_key) / stage
 
 
+def finished_stage_dir(root: Path, pipeline: str, run_key: str, stage: str) -> Path:
+    """The folder of a stage that has finished (it has a manifest); otherwise an error that says what to run."""
+    path = stage_dir(root, pipeline, run_key, stage)
+    if not (path / "manifest.json").exists():
+        raise FileNotFoundError(f"stage {stage!r} of run {run_key!r} has not run yet ({path} is missing); "
+                                f"run it first: searchrel run {pipeline} --run-key {run_key} --stages {stage}")
+    return path
+
+
 def read_manifest(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads((Path(path) / MANIFEST).read_text())

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -59,6 +61,32 @@ def ray_local():
     import ray
 
     ray.shutdown()
+
+
+def kill_and_rerun(args: list[str], checkpoint_dir: Path, kill_at_step: int, final_output: Path,
+                   poll_s: float = 0.2) -> tuple[dict, int]:
+    """Start the job `args` (it prints its JSON result as the last line), SIGKILL its whole session once its
+    checkpoint marker reaches `kill_at_step`, check that `final_output` was not written, then rerun it to the
+    end. Returns (the rerun's result, the step of the checkpoint it was killed after)."""
+    from pipelines.relevance.sft import read_marker
+
+    env = os.environ | {"PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        marker = read_marker(checkpoint_dir)
+        if marker and marker["step"] >= kill_at_step:
+            break
+        time.sleep(poll_s)
+    assert proc.poll() is None, "the job finished before it could be killed"
+    kill_session(proc.pid)  # the driver and every Ray process it started
+    proc.wait()
+    killed_at = read_marker(checkpoint_dir)["step"]
+    assert not final_output.exists(), f"{final_output} was written by a job killed mid-training"
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]), killed_at
 
 
 def kill_session(sid: int, timeout: float = 30.0) -> None:

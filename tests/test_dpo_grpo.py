@@ -7,8 +7,6 @@ digit first (post-CoT), so that sampled responses parse and GRPO groups mix righ
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 import time
@@ -20,7 +18,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import kill_session
+from conftest import kill_and_rerun
 
 from pipelines.config import ConfigError, build_config
 from pipelines.relevance.dpo import (
@@ -44,7 +42,7 @@ from pipelines.relevance.grpo import (
     score_responses,
 )
 from pipelines.relevance.losses import sequence_logps
-from pipelines.relevance.sft import MODEL_CARD, collate, read_marker
+from pipelines.relevance.sft import MODEL_CARD, collate
 
 PRODUCTS = ["red shoes", "blue lamp", "oak table", "wool hat", "steel pan", "green sofa", "silk scarf", "usb cable"]
 LABEL_COUNTS = {4: 16, 3: 6, 2: 12, 1: 8}  # imbalanced, as real judgments are
@@ -425,24 +423,8 @@ def test_grpo_resumes_after_sigkill_where_it_stopped(sft_model, tmp_path, ray_lo
     script.write_text(KILLABLE)
     args = [sys.executable, str(script), str(rows_path), json.dumps(overrides), str(tmp_path / "out"),
             str(model_dir), str(ckpt)]
-    env = os.environ | {"PYTHONPATH": os.getcwd()}
-    proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        marker = read_marker(ckpt)
-        if marker and marker["step"] >= 2:
-            break
-        time.sleep(0.1)
-    assert proc.poll() is None, "the job finished before it could be killed"
-    kill_session(proc.pid)
-    proc.wait()
-    marker = read_marker(ckpt)
-    killed_at = marker["step"]
-    assert killed_at in (2, 4, 6) and not (tmp_path / "out" / "model").exists()
-    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    resumed = json.loads(done.stdout.strip().splitlines()[-1])
+    resumed, killed_at = kill_and_rerun(args, ckpt, 2, tmp_path / "out" / "model", poll_s=0.1)
+    assert killed_at in (2, 4, 6)
     assert resumed["resumed_from_step"] == killed_at and resumed["total_steps"] == 8
     assert resumed["steps_run"] == 8 - killed_at
     resumed_history = pd.read_parquet(tmp_path / "out" / "history.parquet")

@@ -1,21 +1,18 @@
 """SFT on a real DeepSpeed engine inside Ray Train: ZeRO stages, LoRA, checkpoints and resume after SIGKILL."""
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import kill_session
+from conftest import kill_and_rerun
 
 from pipelines.config import build_config
 from pipelines.data.relevance import PrepareConfig, prepare_relevance, read_split
-from pipelines.relevance.sft import SFTConfig, epoch_batches, read_marker, run_sft, tokenize_examples
+from pipelines.relevance.sft import SFTConfig, epoch_batches, run_sft, tokenize_examples
 
 SMALL = {"max_train_examples": 96, "max_val_examples": 32, "micro_batch_size": 8, "learning_rate": 2e-3,
          "eval_every": 0, "checkpoint_every": 0, "log_every": 4, "max_length": 256}
@@ -110,26 +107,9 @@ def _run_killed_then_resumed(judgments, tmp_path, overrides, kill_at_step):
     val.to_parquet(val_path)
     script = tmp_path / "sft_job.py"
     script.write_text(KILLABLE)
-    ckpt = tmp_path / "ckpt"
     args = [sys.executable, str(script), str(train_path), str(val_path), json.dumps(SMALL | overrides),
-            str(tmp_path / "out"), str(ckpt)]
-    env = os.environ | {"PYTHONPATH": os.getcwd()}
-    proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        marker = read_marker(ckpt)
-        if marker and marker["step"] >= kill_at_step:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the job finished before it could be killed"
-    kill_session(proc.pid)  # the driver and every Ray process it started
-    proc.wait()
-    killed_at = read_marker(ckpt)["step"]
-    assert not (tmp_path / "out" / "model").exists()
-    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1]), killed_at
+            str(tmp_path / "out"), str(tmp_path / "ckpt")]
+    return kill_and_rerun(args, tmp_path / "ckpt", kill_at_step, tmp_path / "out" / "model")
 
 
 @pytest.mark.slow

@@ -53,11 +53,9 @@ def _stage(spec: RunSpec, stage: str, inputs: dict[str, Path], body) -> StageRes
 
 
 def _dir(spec: RunSpec, stage: str) -> Path:
-    path = stage_dir(spec.root, PIPELINE, spec.run_key, stage)
-    if not (path / "manifest.json").exists():
-        raise FileNotFoundError(f"stage {stage!r} of run {spec.run_key!r} has not run yet ({path} is missing); "
-                                f"run it first: searchrel run autofas --run-key {spec.run_key} --stages {stage}")
-    return path
+    from pipelines.stage import finished_stage_dir
+
+    return finished_stage_dir(spec.root, PIPELINE, spec.run_key, stage)
 
 
 def _log_history(prefix: str):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -47,7 +46,9 @@ from pipelines.relevance.sft import (
     epoch_batches,
     fit_workers,
     read_marker,
+    set_up_worker,
     tokenize_examples,
+    with_lora,
 )
 
 log = logging.getLogger(__name__)
@@ -196,20 +197,12 @@ def train_loop(cfg: dict[str, Any]) -> None:
     config: DPOConfig = build_config(DPOConfig, "dpo", cfg["dpo"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(config.cpus_per_worker)
-    torch.manual_seed(config.seed + rank)
-    np.random.seed(config.seed + rank)
-    random.seed(config.seed + rank)
+    set_up_worker(config, rank)
     paths = {k: Path(v) for k, v in cfg["paths"].items()}
 
     # The policy starts from the SFT model; the reference is only present as stored log-probs.
     model, tokenizer = load_model(paths["sft_model"], "float32")
-    if config.lora.enabled:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha,
-                                                 lora_dropout=config.lora.dropout, task_type="CAUSAL_LM",
-                                                 target_modules=list(config.lora.target_modules)))
+    model = with_lora(model, config.lora)
     pairs = pq.read_table(paths["pairs"]).to_pydict()
     lengths = np.array([max(len(c), len(r)) for c, r in zip(pairs["chosen_ids"], pairs["rejected_ids"],
                                                               strict=True)])

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -64,6 +63,8 @@ from pipelines.relevance.sft import (
     collate,
     fit_workers,
     read_marker,
+    set_up_worker,
+    with_lora,
 )
 
 log = logging.getLogger(__name__)
@@ -473,20 +474,12 @@ class GRPOWorker:
         c = self.config
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        torch.set_num_threads(c.cpus_per_worker)
-        torch.manual_seed(c.seed + self.rank)
-        np.random.seed(c.seed + self.rank)
-        random.seed(c.seed + self.rank)
+        set_up_worker(c, self.rank)
         self.paths = {k: Path(v) for k, v in cfg["paths"].items()}
         self.style = cfg["card"].get("response_style", "post_cot")
 
         model, self.tokenizer = load_model(self.paths["start_model"], "float32")
-        if c.lora.enabled:
-            from peft import LoraConfig, get_peft_model
-
-            model = get_peft_model(model, LoraConfig(r=c.lora.r, lora_alpha=c.lora.alpha,
-                                                     lora_dropout=c.lora.dropout, task_type="CAUSAL_LM",
-                                                     target_modules=list(c.lora.target_modules)))
+        model = with_lora(model, c.lora)
         self.engine, self.scheduler, self.params = build_engine(model, c, c.steps * c.mini_batches, self.world)
         self.device = self.engine.device
         # The frozen reference: with LoRA, the policy with its adapters off; otherwise a second copy.

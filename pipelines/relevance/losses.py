@@ -36,7 +36,7 @@ STD_EPS = 1e-4  # added to the reward std before dividing, as TRL does
 # ------------------------------------------------------------------------------------------- log-probs
 
 
-def _causal_lm_parts(model):
+def causal_lm_parts(model):
     """(decoder, lm_head) of a plain causal LM, through a DeepSpeed engine and a peft wrapper; None otherwise."""
     module = getattr(model, "module", model)  # DeepSpeed engine -> the wrapped module
     if hasattr(module, "get_base_model"):  # peft; a disabled adapter stays disabled in the base model's layers
@@ -59,7 +59,7 @@ def response_logps(
     the forward FLOPs and most of its activation memory. Other callables get one full forward pass.
     """
     keep = loss_mask[:, 1:].bool()
-    parts = _causal_lm_parts(model)
+    parts = causal_lm_parts(model)
     if parts is not None and bool(keep.any()):  # an all-masked (dummy) batch keeps every parameter in the graph
         decoder, head = parts
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state

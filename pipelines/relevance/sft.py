@@ -212,14 +212,6 @@ def collate(input_ids: list[list[int]], starts: list[int], pad_id: int,
     return batch
 
 
-def causal_lm_parts(model):
-    """(decoder, lm_head) of a causal LM, through a DeepSpeed engine and a peft wrapper if present."""
-    module = getattr(model, "module", model)  # DeepSpeed engine -> the wrapped module
-    if hasattr(module, "get_base_model"):  # peft
-        module = module.get_base_model()
-    return module.model, module.lm_head
-
-
 def response_loss(model, batch: dict[str, torch.Tensor], level_ids: torch.Tensor | None = None,
                   level_loss_weight: float = 0.0) -> torch.Tensor:
     """Weighted token-mean cross-entropy over response tokens (equals the HF loss when all weights are 1), plus
@@ -229,7 +221,12 @@ def response_loss(model, batch: dict[str, torch.Tensor], level_ids: torch.Tensor
     The output layer runs only at response positions: the prompt is most of each sequence, and on a
     49k-token vocabulary its logits would cost a fifth of the model's FLOPs and most of its activation memory.
     """
-    decoder, lm_head = causal_lm_parts(model)
+    from pipelines.relevance.losses import causal_lm_parts
+
+    parts = causal_lm_parts(model)
+    if parts is None:
+        raise TypeError(f"{type(model).__name__} has no decoder + lm_head to train with this loss")
+    decoder, lm_head = parts
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      use_cache=False).last_hidden_state
     weights = batch["weights"][:, 1:]
@@ -307,6 +304,25 @@ def _merge_deepspeed_file(built: dict[str, Any], path: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ the worker
 
 
+def set_up_worker(config, rank: int) -> None:
+    """Thread count and per-rank seeds of a Ray Train worker (the sft, dpo and grpo configs all carry
+    `cpus_per_worker` and `seed`)."""
+    torch.set_num_threads(config.cpus_per_worker)
+    torch.manual_seed(config.seed + rank)
+    np.random.seed(config.seed + rank)
+    random.seed(config.seed + rank)
+
+
+def with_lora(model, lora: LoraSettings):
+    """`model` with trainable peft LoRA adapters when `lora.enabled`, else `model` unchanged."""
+    if not lora.enabled:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                            task_type="CAUSAL_LM", target_modules=list(lora.target_modules)))
+
+
 def build_engine(model, config: SFTConfig, total_steps: int, world: int):
     """A DeepSpeed engine around `model` with a torch AdamW client optimizer (no JIT-built ops) and the
     warm-up/decay schedule; returns (engine, scheduler, trainable parameters)."""
@@ -357,22 +373,13 @@ def train_loop(cfg: dict[str, Any]) -> None:
     config: SFTConfig = build_config(SFTConfig, "sft", cfg["sft"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(config.cpus_per_worker)
-    torch.manual_seed(config.seed + rank)
-    np.random.seed(config.seed + rank)
-    random.seed(config.seed + rank)
+    set_up_worker(config, rank)
     paths = {k: Path(v) for k, v in cfg["paths"].items()}
 
     # Model and tokenizer as saved by the driver; the weights are the only trainable state.
     tokenizer = AutoTokenizer.from_pretrained(paths["init"], local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(paths["init"], local_files_only=True, use_safetensors=True,
-                                                 dtype=torch.float32)
-    if config.lora.enabled:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha,
-                                                 lora_dropout=config.lora.dropout, task_type="CAUSAL_LM",
-                                                 target_modules=list(config.lora.target_modules)))
+    model = with_lora(AutoModelForCausalLM.from_pretrained(paths["init"], local_files_only=True,
+                                                           use_safetensors=True, dtype=torch.float32), config.lora)
     train = pq.read_table(paths["train"]).to_pydict()
     lengths = np.array([len(s) for s in train["input_ids"]])
     label_weight = label_weights(np.array(train["label"]), config)
