@@ -17,7 +17,7 @@ from pathlib import Path
 
 from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable
 
-from operators.dag_params import data_dir, pipeline_params
+from operators.dag_params import data_dir, pipeline_params, stage_args
 from operators.operators.promotion import PromotionOperator
 from operators.operators.ray_job import RayJobOperator
 
@@ -25,9 +25,7 @@ PIPELINE = "autofas"
 STAGES = ["prepare", "teacher", "latency", "search", "retrain", "report", "register", "promote"]
 DEFAULT_PATH = str(data_dir() / "movielens_100k_recbole")
 CLICK_LOGS = Asset(name="autofas_click_logs", uri=Path(DEFAULT_PATH).as_uri(), group="judgments")
-STAGE_ARGS = {"pipeline": PIPELINE, "dataset": "{{ params.dataset }}", "path": "{{ params.path }}",
-              "profile": "{{ params.profile }}", "overrides": "{{ params.overrides }}",
-              "skip_stages": "{{ params.skip_stages }}", "until": "{{ params.until }}"}
+STAGE_ARGS = stage_args(PIPELINE)
 
 with DAG(
     dag_id="autofas_preranking",

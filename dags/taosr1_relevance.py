@@ -21,7 +21,7 @@ from pathlib import Path
 
 from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable
 
-from operators.dag_params import data_dir, pipeline_params
+from operators.dag_params import data_dir, pipeline_params, stage_args
 from operators.operators.promotion import PromotionOperator
 from operators.operators.ray_job import RayJobOperator
 
@@ -30,9 +30,7 @@ STAGES = ["prepare", "rationales", "baselines", "sft", "evaluate", "sample", "dp
           "grpo", "evaluate_grpo", "register", "promote"]
 DEFAULT_PATH = str(data_dir() / "crowdflower_search_relevance")
 JUDGMENTS = Asset(name="taosr1_judgments", uri=Path(DEFAULT_PATH).as_uri(), group="judgments")
-STAGE_ARGS = {"pipeline": PIPELINE, "dataset": "{{ params.dataset }}", "path": "{{ params.path }}",
-              "profile": "{{ params.profile }}", "overrides": "{{ params.overrides }}",
-              "skip_stages": "{{ params.skip_stages }}", "until": "{{ params.until }}"}
+STAGE_ARGS = stage_args(PIPELINE)
 
 with DAG(
     dag_id="taosr1_relevance",

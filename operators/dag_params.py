@@ -58,3 +58,9 @@ def pipeline_params(*, stages: list[str], datasets: dict[str, str], default_data
                                      "and MLflow parent run. Set it to continue an earlier run: its finished "
                                      "stages are reused when config and inputs match."),
     }
+
+
+def stage_args(pipeline: str) -> dict[str, str]:
+    """The templated arguments every stage task of `pipeline` takes from the run's params."""
+    return {"pipeline": pipeline, **{name: f"{{{{ params.{name} }}}}" for name in
+                                     ("dataset", "path", "profile", "overrides", "skip_stages", "until")}}
