@@ -29,7 +29,9 @@ are unpublished; no public code), each a config field unless noted:
   click log-loss (training.py); the teacher is DCN-v2 (parallel cross + deep), embedding 16, 3 cross layers.
 - Alternation: first-order DARTS; weights on 80% of train, architecture logits on the other 20%
   (`arch_fraction`), one step each in turn after `warmup_epochs` of weight-only training with every
-  feature on; validation is left to ASHA and selection.
+  feature on; validation is left to ASHA and selection. The warm-up is shared: run once per seed, and every
+  lambda's trial starts from its weights (`shared_warmup`), so it can be long enough for features that matter
+  only through interactions to be learnt before their gates are judged (search.py docstring).
 - Latency measurement: torch CPU, 1 intra-op thread, batch 1,000, median of repeats, CPU time of the timing
   thread (wall time on a shared 2-core machine measures the neighbours), every part timed inside whole
   forward passes (ops timed alone ran 2-5x faster: hot caches); an intercept calibrated on 5 random
