@@ -46,6 +46,22 @@ def test_zero_stages_train(judgments, tmp_path, zero_stage, ray_local):
     assert (out / "model" / "model.safetensors").exists() and (out / "model" / "tokenizer.json").exists()
 
 
+def test_bf16_engine_trains_and_saves(judgments, tmp_path, ray_local):
+    summary, out = _sft(judgments, tmp_path, zero_stage=2, bf16=True, max_steps=4)
+    history = pd.read_parquet(out / "history.parquet")
+    assert summary["total_steps"] == 4 and history["train/loss"].notna().all()
+    assert history["train/loss"].iloc[-1] < history["train/loss"].iloc[0]
+    from safetensors import safe_open
+
+    with safe_open(out / "model" / "model.safetensors", "pt") as fh:
+        dtypes = {fh.get_tensor(k).dtype for k in fh.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    assert dtypes == {torch.bfloat16}  # the engine's bf16 weights (half the size), as DeepSpeed's 16-bit save
+    from pipelines.relevance.models import load_model
+
+    model, _ = load_model(out / "model", "float32")  # evaluation and serving load it in the dtype they ask for
+    assert next(model.parameters()).dtype == torch.float32
+
+
 def test_lora_trains_only_adapters_and_merges(judgments, tmp_path, ray_local):
     summary, out = _sft(judgments, tmp_path, max_steps=3, lora={"enabled": True, "r": 4})
     full, _ = _sft(judgments, tmp_path / "full", max_steps=1)
