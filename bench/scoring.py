@@ -2,8 +2,9 @@
 
 Both paths score the same CrowdFlower pairs with the same model, batch size and length-grouped batches. The
 decoding path generates the post-CoT response (label + rationale) greedily with `min_new_tokens` forced to
-the rationale length, as serving a CoT model that writes its reasoning would. Pairs per second, median of
-`--repeats` alternating runs.
+the rationale length, as serving a CoT model that writes its reasoning would. First-token scoring runs two
+ways: the shared prefix read in place by the attention (the default) and its KV cache copied into every batch
+(the fallback for other architectures). Pairs per second, median of `--repeats` alternating runs.
 
     .venv/bin/python bench/scoring.py --model tiny
     .venv/bin/python bench/scoring.py --model smollm2-135m --pairs 64 --dtype bfloat16
@@ -27,6 +28,7 @@ def main() -> None:
                         help="tokens decoded per pair (default: the mean token length of these pairs' responses, "
                              "label line and rule-base rationale, under the model's tokenizer)")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="auto", help='"auto" (a CUDA GPU if present, else CPU), "cpu", "cuda"')
     parser.add_argument("--max-description-chars", type=int, default=None,
                         help="description cut in the prompt (default: the cpu profile's sft.max_description_chars, "
                              "which the trained model is served with)")
@@ -36,13 +38,19 @@ def main() -> None:
     import torch
 
     from bench.sft import load_pairs
-    from pipelines.relevance.models import ModelConfig, label_token_ids, load_model_and_tokenizer
+    from pipelines.relevance.models import (
+        ModelConfig,
+        inference_device,
+        label_token_ids,
+        load_model_and_tokenizer,
+    )
     from pipelines.relevance.prompts import build_prompt, format_response
     from pipelines.relevance.scoring import first_token_probs, generate_responses
 
     rows = load_pairs(args.pairs)
     model, tok = load_model_and_tokenizer(ModelConfig(name=args.model, dtype=args.dtype),
                                           list(rows["query"]) + list(rows["title"]) + list(rows["rationale"]))
+    model.to(inference_device(args.device))
     if args.max_description_chars is None:
         from pipelines.config import load_profile
 
@@ -56,22 +64,27 @@ def main() -> None:
         args.rationale_tokens = round(statistics.mean(len(tok(r, add_special_tokens=False)["input_ids"])
                                                       for r in responses))
     model.generation_config.min_new_tokens = args.rationale_tokens
-    timings: dict[str, list[float]] = {"first-token": [], "decode rationale": []}
-    first_token_probs(model, tok, prompts[: args.batch], label_ids, batch_size=args.batch)  # warm-up
+    first_token = {"first-token": {}, "first-token, prefix copied": {"prefix_in_attention": False}}
+    timings: dict[str, list[float]] = {name: [] for name in [*first_token, "decode rationale"]}
+    for kwargs in first_token.values():  # warm-up
+        first_token_probs(model, tok, prompts[: args.batch], label_ids, batch_size=args.batch, **kwargs)
     for _ in range(args.repeats):
-        start = time.perf_counter()
-        first_token_probs(model, tok, prompts, label_ids, batch_size=args.batch)
-        timings["first-token"].append(time.perf_counter() - start)
+        for name, kwargs in first_token.items():
+            start = time.perf_counter()
+            first_token_probs(model, tok, prompts, label_ids, batch_size=args.batch, **kwargs)
+            timings[name].append(time.perf_counter() - start)
         start = time.perf_counter()
         generate_responses(model, tok, prompts, max_new_tokens=args.rationale_tokens, batch_size=args.batch)
         timings["decode rationale"].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in timings.items()}
-    print(f"\nscoring {args.pairs} CrowdFlower pairs, {args.model} ({args.dtype}), batch {args.batch}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}, {args.rationale_tokens} tokens decoded, "
+    where = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else \
+        f"CPU, {torch.get_num_threads()} threads"
+    print(f"\nscoring {args.pairs} CrowdFlower pairs, {args.model} ({args.dtype}), batch {args.batch}, {where},"
+          f" median of {args.repeats}, {args.rationale_tokens} tokens decoded, "
           f"descriptions cut at {args.max_description_chars} characters")
-    print(f"{'path':<18} {'seconds':>8} {'pairs/s':>9}")
+    print(f"{'path':<28} {'seconds':>8} {'pairs/s':>9} {'vs decode':>10}")
     for name, sec in med.items():
-        print(f"{name:<18} {sec:>8.2f} {args.pairs / sec:>9.1f}")
+        print(f"{name:<28} {sec:>8.2f} {args.pairs / sec:>9.1f} {med['decode rationale'] / sec:>9.1f}x")
     print(f"first-token / decode speed-up: {med['decode rationale'] / med['first-token']:.1f}x (target >= 20x)")
 
 

@@ -213,7 +213,7 @@ def _nas_trainable(config: dict[str, Any], train=None, val=None, teacher=None, t
 
 
 def _random_trainable(config: dict[str, Any], train=None, val=None, teacher=None, table=None, cfg=None,
-                      spec=None, warm_dir=None):
+                      spec=None):
     from ray import tune
 
     torch.set_num_threads(cfg.trial_threads)
@@ -290,17 +290,17 @@ def run_search(train: ClickData, val: ClickData, teacher_train: np.ndarray | Non
     scratch.mkdir(parents=True, exist_ok=True)
     latency = LatencyModel(table)
     started = time.perf_counter()
-    warmups = []
+    warmups, nas_data = [], data
     if cfg.shared_warmup and 0 < cfg.warmup_epochs < cfg.epochs:
         warm_dir = Path(tempfile.mkdtemp(dir=scratch))
         warmups = _tune(_warmup_trainable, {"seed": tune.grid_search(list(cfg.seeds))}, cfg,
                         Path(tempfile.mkdtemp(dir=scratch)), "warmup", {**data, "warm_dir": warm_dir}, asha=False)
-        data = {**data, "warm_dir": warm_dir}
+        nas_data = {**data, "warm_dir": warm_dir}
     warmup_seconds = time.perf_counter() - started
     nas, derived = [], []
     for lam in cfg.lambdas:
         trials = _tune(_nas_trainable, {"lambda": lam, "seed": tune.grid_search(list(cfg.seeds))}, cfg,
-                       Path(tempfile.mkdtemp(dir=scratch)), f"nas-lambda-{lam}", data, asha=True)
+                       Path(tempfile.mkdtemp(dir=scratch)), f"nas-lambda-{lam}", nas_data, asha=True)
         for t in trials:
             if log_trial is not None:
                 log_trial("nas", t)

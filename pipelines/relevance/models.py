@@ -301,6 +301,13 @@ def load_model(model_dir: str | os.PathLike, dtype: str | None = None) -> tuple[
     return model, tokenizer
 
 
+def inference_device(name: str = "auto") -> torch.device:
+    """Where to score: ``"auto"`` is the first CUDA GPU when there is one, else the CPU; or any torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def load_model_and_tokenizer(cfg: ModelConfig, train_texts: Iterable[str] | None = None):
     """Dispatch on ``cfg.name``: ``"tiny"`` | ``"smollm2-135m"`` | a local folder. Returns ``(model, tokenizer)``.
 

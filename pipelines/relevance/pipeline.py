@@ -40,6 +40,8 @@ class EvaluateConfig:
     batch_size: int = field(default=16, metadata={"help": "Prompts per forward pass."})
     dtype: str = field(default="float32", metadata={"help": "Scoring dtype: float32 or bfloat16 (faster on CPUs "
                                                               "with AMX; check accuracy holds)."})
+    device: str = field(default="auto", metadata={"help": 'Where to score: "auto" (a CUDA GPU if present, else CPU), '
+                                                          '"cpu", "cuda", ...'})
     max_length: int = field(default=512, metadata={"help": "Longest prompt in tokens (longer keep their end)."})
     max_examples: int = field(default=0, metadata={"help": "Seeded subsample of val and test pairs; 0 = all."})
     max_new_tokens: int = field(default=96, metadata={"help": "Tokens decoded per response (pre-CoT scoring, and the "
@@ -226,7 +228,7 @@ def score_model(model_dir: Path, splits: dict[str, pd.DataFrame], style: str | N
     The prompt settings the model was trained with come from its `searchrel.json`; `style=None` takes the
     response style from there too.
     """
-    from pipelines.relevance.models import label_token_ids, load_model
+    from pipelines.relevance.models import inference_device, label_token_ids, load_model
     from pipelines.relevance.prompts import build_prompt
     from pipelines.relevance.scoring import first_token_probs, generate_responses, probs_from_generations
     from pipelines.relevance.sft import MODEL_CARD
@@ -235,6 +237,7 @@ def score_model(model_dir: Path, splits: dict[str, pd.DataFrame], style: str | N
     card = json.loads(card_path.read_text()) if card_path.exists() else {}
     style = style or card.get("response_style", "post_cot")
     model, tokenizer = load_model(model_dir, cfg.dtype)
+    model.to(inference_device(cfg.device))
 
     def prompt(q: str, t: str, d: str) -> str:
         return build_prompt(tokenizer, q, t, d, card.get("max_description_chars", 300),

@@ -6,19 +6,91 @@ position is the same for every row of a batch and only that position's logits ar
 (`logits_to_keep=1`); position ids follow the attention mask, so padding does not shift positions.
 Batches are grouped by length to keep padding small, and the token prefix every prompt shares (system
 prompt, instruction) is computed once and its KV cache reused.
+
+How a batch reads the shared prefix: models built on transformers' attention interface (Llama, Qwen, ...) with
+SDPA attention get `shared_prefix_sdpa`, which broadcasts the prefix's batch-1 keys and values over the batch
+inside each attention call (no per-batch copy of the cache) and, on CPU, lets SDPA read the grouped key/value
+heads directly. Other models get the prefix cache copied per batch. Both give the same probabilities.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from pipelines.relevance.prompts import parse_label
 
 LEVELS = (1, 2, 3, 4)  # probability columns are ordered by level: column j is level j + 1
+SHARED_PREFIX_ATTENTION = "sdpa_shared_prefix"
+
+
+class SharedPrefix:
+    """The keys and values of a prefix every row of a batch starts with, computed once with batch size 1."""
+
+    def __init__(self, cache):
+        self.layers = [(layer.keys, layer.values) for layer in cache.layers]
+        self.length = self.layers[0][0].shape[-2]
+        self.reads = 0  # attention calls that read it in the last forward pass: a check that it reached them
+
+
+def shared_prefix_sdpa(module, query, key, value, attention_mask, *, shared_prefix: SharedPrefix | None = None,
+                       **kwargs):
+    """SDPA over [shared prefix; this batch's own tokens]; plain SDPA when no prefix is passed.
+
+    `attention_mask` covers prefix + own tokens (4-D, True = attend), as `first_token_probs` builds it.
+    """
+    if shared_prefix is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    shared_prefix.reads += 1
+    prefix_key, prefix_value = shared_prefix.layers[module.layer_idx]
+    batch = query.shape[0]
+    key = torch.cat([prefix_key.expand(batch, -1, -1, -1), key], dim=2)
+    value = torch.cat([prefix_value.expand(batch, -1, -1, -1), value], dim=2)
+    if query.device.type != "cpu":  # CUDA's SDPA falls back to its math kernel for grouped heads with a mask
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                           scale=kwargs.get("scaling"), enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_sdpa)
+AttentionMaskInterface.register(SHARED_PREFIX_ATTENTION, sdpa_mask)
+
+
+def reads_prefix_in_attention(model) -> bool:
+    """Whether the model routes attention through transformers' interface with SDPA, so `shared_prefix_sdpa`
+    can stand in for it."""
+    return bool(getattr(model, "_supports_attention_backend", False)) and \
+        model.config._attn_implementation in ("sdpa", SHARED_PREFIX_ATTENTION)
+
+
+def use_shared_prefix_attention(model) -> None:
+    """Make `shared_prefix_sdpa` the model's attention for good (it is plain SDPA whenever no prefix is passed).
+
+    For a model that only scores, such as a served one: `first_token_probs` otherwise switches the attention
+    for the length of a call, and concurrent requests would switch it under each other."""
+    if reads_prefix_in_attention(model):
+        model.set_attn_implementation(SHARED_PREFIX_ATTENTION)
+
+
+@contextmanager
+def _attention_implementation(model, name: str):
+    before = model.config._attn_implementation
+    if before == name:
+        yield
+        return
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
 
 
 def tokenize_prompts(tokenizer, prompts: Sequence[str], max_length: int) -> list[list[int]]:
@@ -59,24 +131,48 @@ def common_prefix_length(token_ids: Sequence[Sequence[int]]) -> int:
 def _prefill(model, tokens: Sequence[int], cache=None, start: int = 0):
     """KV cache of `tokens` (positions `start`...), continuing `cache` (left untouched) when one is given."""
     kwargs = {"cache": copy.deepcopy(cache)} if cache is not None else {}
-    positions = torch.arange(start, start + len(tokens)).unsqueeze(0)
-    return model(input_ids=torch.tensor([list(tokens)]), position_ids=positions, use_cache=True,
-                 logits_to_keep=1, **kwargs).cache
+    positions = torch.arange(start, start + len(tokens), device=model.device).unsqueeze(0)
+    return model(input_ids=torch.tensor([list(tokens)], device=model.device), position_ids=positions,
+                 use_cache=True, logits_to_keep=1, **kwargs).cache
+
+
+def _label_probs(logits: torch.Tensor, label_index: torch.Tensor) -> np.ndarray:
+    return torch.softmax(logits[:, -1, label_index].float(), dim=-1).cpu().numpy()
 
 
 def _score_batch(model, suffixes: Sequence[Sequence[int]], prefix_len: int, prefix_cache, pad_id: int,
                  label_index: torch.Tensor) -> np.ndarray:
-    input_ids, mask, positions = left_pad(suffixes, pad_id)
+    """Scores a batch that continues `prefix_cache` (copied for the batch), or whole prompts without one."""
+    input_ids, mask, positions = (t.to(model.device) for t in left_pad(suffixes, pad_id))
     kwargs = {}
     if prefix_cache is not None:
         cache = copy.deepcopy(prefix_cache)
         cache.batch_repeat_interleave(len(suffixes))
         kwargs["cache"] = cache
-        mask = torch.cat([torch.ones((len(suffixes), prefix_len), dtype=mask.dtype), mask], dim=1)
+        mask = torch.cat([torch.ones((len(suffixes), prefix_len), dtype=mask.dtype, device=mask.device), mask],
+                         dim=1)
         positions = positions + prefix_len
     logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1,
-                   use_cache=prefix_cache is not None, **kwargs).logits[:, -1, :]
-    return torch.softmax(logits[:, label_index].float(), dim=-1).numpy()
+                   use_cache=prefix_cache is not None, **kwargs).logits
+    return _label_probs(logits, label_index)
+
+
+def _score_batch_on_shared_prefix(model, suffixes: Sequence[Sequence[int]], prefix: SharedPrefix, pad_id: int,
+                                  label_index: torch.Tensor) -> np.ndarray:
+    """Scores a batch whose attention reads `prefix` in place (the model runs `shared_prefix_sdpa`)."""
+    input_ids, mask, positions = (t.to(model.device) for t in left_pad(suffixes, pad_id))
+    width = input_ids.shape[1]
+    own = torch.tril(torch.ones((width, width), dtype=torch.bool, device=mask.device)) & mask.bool()[:, None, :]
+    to_prefix = torch.ones((len(suffixes), width, prefix.length), dtype=torch.bool, device=mask.device)
+    attention_mask = torch.cat([to_prefix, own], dim=-1)[:, None]  # padding rows still see the prefix: no NaN
+    prefix.reads = 0
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions + prefix.length,
+                   logits_to_keep=1, use_cache=False, shared_prefix=prefix).logits
+    if prefix.reads != len(prefix.layers):
+        raise RuntimeError(f"{type(model).__name__}: {prefix.reads} of {len(prefix.layers)} attention layers read "
+                           "the shared prefix; this architecture does not pass attention kwargs through. "
+                           "Score it with share_prefix=False.")
+    return _label_probs(logits, label_index)
 
 
 def _prefix_units(token_ids: list[list[int]], shared: int, groups: Sequence | None, min_group_saving: int):
@@ -114,6 +210,7 @@ def first_token_probs(
     batch_size: int = 16,
     max_length: int = 512,
     share_prefix: bool = True,
+    prefix_in_attention: bool = True,
     groups: Sequence | None = None,
     min_group_saving: int = 256,
     progress: bool = False,
@@ -128,9 +225,11 @@ def first_token_probs(
     that saves at least `min_group_saving` token computations ((group prefix - common prefix) x (items - 1)):
     with a short query (CrowdFlower: ~5 tokens after a ~150-token instruction) the common-prefix path with full
     batches is faster (bench/serving.py), with a long query part the group prefix wins.
+    `prefix_in_attention=False` copies the prefix cache into every batch even where `shared_prefix_sdpa` could
+    read it in place (the slower way, kept for models outside transformers' attention interface; benchmarks).
     """
     token_ids = tokenize_prompts(tokenizer, prompts, max_length)
-    label_index = torch.tensor([label_ids[level] for level in LEVELS])
+    label_index = torch.tensor([label_ids[level] for level in LEVELS], device=model.device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     probs = np.zeros((len(prompts), 4), dtype=np.float64)
     if not token_ids:
@@ -141,21 +240,27 @@ def first_token_probs(
     shared = min(common_prefix_length(token_ids), min(len(t) for t in token_ids) - 1) if share_prefix else 0
     shared_cache = _prefill(model, token_ids[0][:shared]) if shared > 0 else None
     units = _prefix_units(token_ids, shared, groups if share_prefix else None, min_group_saving)
+    in_attention = shared > 0 and prefix_in_attention and reads_prefix_in_attention(model)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(prompts), desc="scoring", unit="pair", mininterval=2.0)
-    for rows, prefix_len in units:
-        cache = shared_cache
-        if prefix_len > shared:
-            cache = _prefill(model, token_ids[rows[0]][shared:prefix_len], shared_cache, start=shared)
-        for batch in length_batches([len(token_ids[i]) - prefix_len for i in rows], batch_size):
-            index = [rows[j] for j in batch]
-            probs[index] = _score_batch(model, [token_ids[i][prefix_len:] for i in index], prefix_len, cache,
-                                        pad_id, label_index)
-            if bar is not None:
-                bar.update(len(index))
+    with _attention_implementation(model, SHARED_PREFIX_ATTENTION) if in_attention else nullcontext():
+        for rows, prefix_len in units:
+            cache = shared_cache
+            if prefix_len > shared:
+                cache = _prefill(model, token_ids[rows[0]][shared:prefix_len], shared_cache, start=shared)
+            prefix = SharedPrefix(cache) if in_attention else None
+            for batch in length_batches([len(token_ids[i]) - prefix_len for i in rows], batch_size):
+                index = [rows[j] for j in batch]
+                suffixes = [token_ids[i][prefix_len:] for i in index]
+                if prefix is not None:
+                    probs[index] = _score_batch_on_shared_prefix(model, suffixes, prefix, pad_id, label_index)
+                else:
+                    probs[index] = _score_batch(model, suffixes, prefix_len, cache, pad_id, label_index)
+                if bar is not None:
+                    bar.update(len(index))
     if bar is not None:
         bar.close()
     model.train(was_training)
@@ -192,7 +297,7 @@ def generate_responses(
 
         batches = tqdm(batches, desc="decoding", unit="batch", mininterval=2.0)
     for batch in batches:
-        input_ids, mask, _ = left_pad([token_ids[i] for i in batch], pad_id)
+        input_ids, mask, _ = (t.to(model.device) for t in left_pad([token_ids[i] for i in batch], pad_id))
         generated = model.generate(
             input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
             temperature=temperature if do_sample else None, top_k=top_k if do_sample else None,

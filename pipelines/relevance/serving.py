@@ -46,6 +46,8 @@ class ServingSettings:
     max_title_chars: int = field(default=300, metadata={"help": "Longer titles are cut (and say so)."})
     batch_size: int = field(default=32, metadata={"help": "Pairs per forward pass."})
     dtype: str = field(default="float32", metadata={"help": "Scoring dtype: float32 or bfloat16."})
+    device: str = field(default="auto", metadata={"help": 'Where to score: "auto" (a CUDA GPU if present, else '
+                                                          'CPU), "cpu", "cuda", "cuda:1", ...'})
     max_length: int = field(default=512, metadata={"help": "Longest prompt in tokens."})
 
 
@@ -87,7 +89,8 @@ class PairScorer:
     """Scores (query, title, description) rows with a trained model folder; shared by pyfunc and batch scoring."""
 
     def __init__(self, model_dir: str | Path, settings: ServingSettings | None = None) -> None:
-        from pipelines.relevance.models import label_token_ids, load_model
+        from pipelines.relevance.models import inference_device, label_token_ids, load_model
+        from pipelines.relevance.scoring import use_shared_prefix_attention
         from pipelines.relevance.sft import MODEL_CARD
 
         self.model_dir = Path(model_dir)
@@ -98,7 +101,8 @@ class PairScorer:
                              "apply; serve a post-CoT or no-CoT model")
         self.settings = settings or ServingSettings()
         self.model, self.tokenizer = load_model(self.model_dir, self.settings.dtype)
-        self.model.eval()
+        self.model.to(inference_device(self.settings.device)).eval()
+        use_shared_prefix_attention(self.model)
         self.label_ids = label_token_ids(self.tokenizer, self.prompt("q", "t", "d"))
 
     def prompt(self, query: str, title: str, description: str) -> str:

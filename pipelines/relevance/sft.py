@@ -181,11 +181,6 @@ def level_balance(labels: np.ndarray, config: SFTConfig) -> np.ndarray:
     return np.array([scale[lvl] for lvl in labels], dtype=np.float64)
 
 
-def label_weights(labels: np.ndarray, config: SFTConfig) -> np.ndarray:
-    """Loss weight of each pair's label token: `label_loss_weight` times the level balance."""
-    return config.label_loss_weight * level_balance(labels, config)
-
-
 def collate(input_ids: list[list[int]], starts: list[int], pad_id: int,
             label_pos: list[int] | None = None, label_weight=None,
             levels=None, level_weight=None) -> dict[str, torch.Tensor]:
@@ -368,7 +363,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipelines.config import build_config
-    from pipelines.relevance.scoring import first_token_probs
+    from pipelines.relevance.scoring import LEVELS, first_token_probs
 
     config: SFTConfig = build_config(SFTConfig, "sft", cfg["sft"])
     ctx = ray.train.get_context()
@@ -382,8 +377,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
                                                            use_safetensors=True, dtype=torch.float32), config.lora)
     train = pq.read_table(paths["train"]).to_pydict()
     lengths = np.array([len(s) for s in train["input_ids"]])
-    label_weight = label_weights(np.array(train["label"]), config)
     level_weight = level_balance(np.array(train["label"]), config)
+    label_weight = config.label_loss_weight * level_weight
     per_step = config.micro_batch_size * world
     batches_per_epoch = [b for b in epoch_batches(lengths, per_step, config.seed, 0, config.bucket_window)]
     micro_per_epoch = len(batches_per_epoch)
@@ -405,7 +400,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     tracker = _Tracker(cfg.get("mlflow"), rank)
     val = pq.read_table(paths["val"]).to_pandas()
     label_ids = {int(k): v for k, v in cfg["label_ids"].items()}
-    level_ids = torch.tensor([label_ids[level] for level in (1, 2, 3, 4)], device=engine.device)
+    level_ids = torch.tensor([label_ids[level] for level in LEVELS], device=engine.device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     progress = _progress(rank, total_steps, step)
     tokens_seen, t_start, history = 0, time.perf_counter(), []
