@@ -375,7 +375,8 @@ def register(spec: RunSpec) -> StageResult:
         metrics = json.loads((ctx.inputs["evaluation"] / "metrics.json").read_text())
         beta = float(metrics.get("tiers", {}).get("cumpt", {}).get("beta", 0.5))
         settings = ServingSettings(beta=beta, max_query_chars=cfg.max_query_chars,
-                                   max_title_chars=cfg.max_title_chars, batch_size=cfg.batch_size, dtype=cfg.dtype)
+                                   max_title_chars=cfg.max_title_chars, batch_size=cfg.batch_size, dtype=cfg.dtype,
+                                   device=cfg.device)
         test = metrics["test"]
         tags = {"searchrel.dataset_digest": path_digest(ctx.inputs["prepare"]), "searchrel.model_stage": model_stage,
                 "searchrel.test.macro_f1": f"{test['macro_f1']:.6f}", "searchrel.test.accuracy": f"{test['accuracy']:.6f}",

@@ -42,6 +42,8 @@ class RegisterConfig:
                                                                  "or auto (the last of grpo, dpo, sft that ran)."})
     batch_size: int = field(default=32, metadata={"help": "Serving: pairs per forward pass."})
     dtype: str = field(default="float32", metadata={"help": "Serving dtype: float32 or bfloat16."})
+    device: str = field(default="auto", metadata={"help": 'Where the served model scores: "auto" (a CUDA GPU if '
+                                                          'present, else CPU), "cpu", "cuda", ...'})
     max_query_chars: int = field(default=200, metadata={"help": "Serving: longer queries are cut (and say so)."})
     max_title_chars: int = field(default=300, metadata={"help": "Serving: longer titles are cut (and say so)."})
 
