@@ -184,7 +184,7 @@ def test_level_loss_adds_a_four_way_cross_entropy_at_the_label_position():
 
 
 def test_level_balance_powers_the_inverse_frequency():
-    from pipelines.relevance.sft import SFTConfig, level_balance
+    from pipelines.relevance.sft import SFTConfig, label_weights, level_balance
 
     labels = np.array([4, 4, 4, 1])  # n / (2 levels * n_level): level 4 -> 4/6, level 1 -> 2
     assert level_balance(labels, SFTConfig()).tolist() == [1.0] * 4
@@ -192,3 +192,5 @@ def test_level_balance_powers_the_inverse_frequency():
     assert full.tolist() == pytest.approx([2 / 3] * 3 + [2.0])
     root = level_balance(labels, SFTConfig(balance_label_classes=True, balance_power=0.5))
     assert root.tolist() == pytest.approx(list(np.sqrt(full)))
+    assert label_weights(full, SFTConfig(balance_label_classes=True, label_loss_weight=5.0)).tolist() == \
+        pytest.approx(list(5 * full))

@@ -181,6 +181,11 @@ def level_balance(labels: np.ndarray, config: SFTConfig) -> np.ndarray:
     return np.array([scale[lvl] for lvl in labels], dtype=np.float64)
 
 
+def label_weights(level_weight: np.ndarray, config: SFTConfig) -> np.ndarray:
+    """Loss weight of each pair's label token: `label_loss_weight` times its level balance."""
+    return config.label_loss_weight * np.asarray(level_weight, dtype=np.float64)
+
+
 def collate(input_ids: list[list[int]], starts: list[int], pad_id: int,
             label_pos: list[int] | None = None, label_weight=None,
             levels=None, level_weight=None) -> dict[str, torch.Tensor]:
@@ -378,7 +383,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     train = pq.read_table(paths["train"]).to_pydict()
     lengths = np.array([len(s) for s in train["input_ids"]])
     level_weight = level_balance(np.array(train["label"]), config)
-    label_weight = config.label_loss_weight * level_weight
+    label_weight = label_weights(level_weight, config)
     per_step = config.micro_batch_size * world
     batches_per_epoch = [b for b in epoch_batches(lengths, per_step, config.seed, 0, config.bucket_window)]
     micro_per_epoch = len(batches_per_epoch)
