@@ -34,9 +34,13 @@ from pipelines.relevance.metrics import (
     expected_relevance,
     levels_to_tiers,
     ndcg_at_k,
+    predicted_levels,
+    prior_corrected_probs,
+    prior_corrected_report,
     tier_macro_f1,
     tier_report,
     tune_cumpt_beta,
+    tune_prior_offsets,
     tune_tier_thresholds,
 )
 
@@ -162,9 +166,43 @@ def test_tier_report_and_evaluate_probs():
     df = pd.DataFrame({"query_id": np.arange(len(y_test)) // 8, "label": y_test})
     full = evaluate_probs(df, probs_test, probs_val, y_val)
     assert full["tiers"] == report
+    assert full["prior_corrected"] == prior_corrected_report(probs_val, y_val, probs_test, y_test)
     assert 0.0 < full["ndcg_at_10"] <= 1.0
     json.dumps(full)
-    assert "tiers" not in evaluate_probs(df, probs_test)
+    assert not {"tiers", "prior_corrected"} & set(evaluate_probs(df, probs_test))
+
+
+def _skewed(seed: int, n: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities that carry the level (a bump on the true level) under a strong prior for level 4."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(1, 5, size=n)
+    logits = 2.0 * one_hot(y) + rng.normal(0.0, 0.7, size=(n, 4)) + np.array([0.0, 0.0, 0.0, 3.0])
+    return np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True), y
+
+
+def test_prior_offsets_undo_a_level_prior_the_argmax_cannot_see_past():
+    probs_val, y_val = _skewed(0)
+    probs_test, y_test = _skewed(1)
+    plain = classification_metrics(y_test, probs_test)
+    assert (predicted_levels(probs_test) == 4).mean() > 0.9  # the prior wins the argmax
+    offsets, val_f1 = tune_prior_offsets(probs_val, y_val)
+    assert offsets[3] == 0.0 and (offsets[:3] > 1.0).all()  # levels 1-3 lifted against level 4's prior
+    assert val_f1 == pytest.approx(classification_metrics(y_val, prior_corrected_probs(probs_val, offsets))["macro_f1"])
+    report = prior_corrected_report(probs_val, y_val, probs_test, y_test)
+    assert report["macro_f1"] > plain["macro_f1"] + 0.3
+    assert report["offsets"] == {str(k): float(o) for k, o in zip((1, 2, 3, 4), offsets, strict=True)}
+    corrected = prior_corrected_probs(probs_test, offsets)
+    np.testing.assert_allclose(corrected.sum(axis=1), 1.0)
+    np.testing.assert_array_equal(corrected.argmax(axis=1), (np.log(probs_test) + offsets).argmax(axis=1))
+
+
+def test_prior_offsets_never_lose_to_the_argmax_on_val():
+    probs, y = _synthetic_val()
+    offsets, val_f1 = tune_prior_offsets(probs, y)
+    assert val_f1 >= classification_metrics(y, probs)["macro_f1"]
+    calibrated = one_hot(y)  # nothing to correct: no offset beats the exact answer, so none is taken
+    offsets, val_f1 = tune_prior_offsets(calibrated, y)
+    assert val_f1 == 1.0 and not offsets.any()
 
 
 def test_confusion_figure(tmp_path: Path):

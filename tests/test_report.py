@@ -74,6 +74,7 @@ def test_report_without_stage2_has_no_extra_sections(tmp_path):
     _stage(tmp_path, "evaluate_no_cot", {"test": metrics, "tiers": {}, "style": "no_cot", "hallucination": None})
     text, rows = render_report(tmp_path, "r")
     assert [r["model"] for r in rows] == ["SFT, no CoT"] and rows[0]["halluc. rate"] == ""
+    assert rows[0]["macro_f1 prior-corr."] == ""  # evaluated without a validation split: nothing tuned
     assert "## pass@k" not in text and "hallucination" not in text.lower().replace("halluc. rate", "")
     with pytest.raises(FileNotFoundError, match="no evaluated stages"):
         render_report(tmp_path, "other")
@@ -82,10 +83,12 @@ def test_report_without_stage2_has_no_extra_sections(tmp_path):
 def test_report_shows_how_many_test_pairs_each_row_was_scored_on(tmp_path):
     rng = np.random.default_rng(1)
     full = pd.DataFrame({"query_id": np.repeat(["a", "b"], 6), "label": rng.integers(1, 5, 12)})
-    _stage(tmp_path, "evaluate_no_cot", {"test": evaluate_probs(full, rng.dirichlet(np.ones(4), size=12)),
-                                         "tiers": {}, "style": "no_cot"})
+    metrics = evaluate_probs(full, rng.dirichlet(np.ones(4), size=12), rng.dirichlet(np.ones(4), size=12),
+                             rng.integers(1, 5, 12))
+    _stage(tmp_path, "evaluate_no_cot", {"test": metrics, "tiers": {}, "style": "no_cot"})
     text, rows = render_report(tmp_path, "r")
     assert rows[0]["test pairs"] == 12 and "seeded subsample" not in text
+    assert rows[0]["macro_f1 prior-corr."] == round(metrics["prior_corrected"]["macro_f1"], 4)
     part = full.iloc[:5]  # e.g. evaluate.max_examples: the baselines saw all of test, this model a subsample
     _stage(tmp_path, "evaluate", {"test": evaluate_probs(part, rng.dirichlet(np.ones(4), size=5)), "tiers": {},
                                   "style": "post_cot"})

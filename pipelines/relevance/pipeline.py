@@ -275,6 +275,8 @@ def _evaluate_and_log(ctx: StageContext, name: str, splits, val_probs, test_prob
     metrics["tiers"] = metrics["test"].pop("tiers", {})
     flat = {f"{name}.{split}.{k}": v for split in ("val", "test") for k, v in metrics[split].items()
             if isinstance(v, int | float)}
+    if "prior_corrected" in metrics["test"]:
+        flat[f"{name}.test.prior_corrected_macro_f1"] = metrics["test"]["prior_corrected"]["macro_f1"]
     mlflow.log_metrics(flat)
     log_figure(confusion_figure(metrics["test"]["confusion"], f"{name} (test)"), f"{name}_confusion_test.png")
     mlflow.log_dict(metrics, f"{name}_metrics.json")

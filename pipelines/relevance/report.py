@@ -38,6 +38,7 @@ def _row(label: str, test: dict[str, Any], tiers: dict[str, Any] | None,
     f1 = test.get("f1_per_level", {})
     row = {"model": label, "test pairs": test.get("n"), "accuracy": test.get("accuracy"),
            "macro_f1": test.get("macro_f1"),
+           "macro_f1 prior-corr.": test.get("prior_corrected", {}).get("macro_f1"),
            "qwk": test.get("qwk"), **{f"F1 L{k}": f1.get(str(k)) for k in (4, 3, 2, 1)},
            "nDCG@10": test.get("ndcg_at_10"),
            "tier F1 CumPT": (tiers or {}).get("cumpt", {}).get("test_macro_f1"),
