@@ -187,7 +187,7 @@ class HFSampler:
     @torch.inference_mode()
     def _sample_batch(self, seqs: list[list[int]], n: int, keys: list[int]) -> list[tuple[list[int], bool]]:
         """(token ids without EOS, ended with EOS) for row j * n + s: sample s of prompt j."""
-        from pipelines.relevance.scoring import left_pad
+        from pipelines.relevance.scoring import last_position, left_pad
 
         steps, dev, model = self.config.max_new_tokens, self.device, self.model
         streams = [torch.Generator().manual_seed(sample_seed(self.config.seed, key, s)) for key in keys
@@ -196,7 +196,7 @@ class HFSampler:
 
         input_ids, mask, positions = (t.to(dev) for t in left_pad(seqs, self.pad_id))
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                    logits_to_keep=1)
+                    logits_to_keep=last_position(dev))
         cache = out.cache  # one prefill per prompt, expanded to its n samples
         cache.batch_repeat_interleave(n)
         logits = out.logits[:, -1].float().repeat_interleave(n, dim=0)
