@@ -320,7 +320,8 @@ def evaluate_probs(
     ``df`` needs ``query_id`` and ``label`` (rows aligned with ``probs``). Gives the classification metrics of
     :func:`classification_metrics`, ``ndcg_at_<k>`` with the expected relevance as the ranking score, and,
     when validation probabilities and labels are given, ``tiers`` (:func:`tier_report`) and
-    ``prior_corrected`` (:func:`prior_corrected_report`), both tuned on validation and applied to ``df``. Draw the confusion matrix with :func:`confusion_figure`.
+    ``prior_corrected`` (:func:`prior_corrected_report`), both tuned on validation and applied to ``df``. Draw
+    the confusion matrix with :func:`confusion_figure`.
     """
     probs = _check_probs(probs)
     if len(df) != len(probs):

@@ -382,7 +382,8 @@ def decoded_hallucination(model_dir: str | Path, rows: pd.DataFrame, config, sty
     A seeded subsample of `config.hallucination_examples` rows (all when 0 or fewer) is prompted as the model was
     trained (its card) and decoded greedily (top-k 1; EOS ends a response) for up to `config.max_new_tokens`
     tokens, `config.batch_size` prompts at a time, in `config.dtype` on `config.device` (evaluate's setting:
-    "auto" is a CUDA GPU when there is one), prompts cut to `config.max_length` tokens. Greedy is the response the model would give; its label is read in `style` (default: the card's).
+    "auto" is a CUDA GPU when there is one), prompts cut to `config.max_length` tokens. Greedy is the response
+    the model would give; its label is read in `style` (default: the card's).
     """
     from pipelines.relevance.models import inference_device, load_model
     from pipelines.relevance.prompts import build_prompt

@@ -2,8 +2,8 @@
 
 Because the response starts with the label (post-CoT), the level distribution is the softmax of the logits of
 the 4 label tokens at the last prompt position; no rationale is decoded. Prompts are left-padded so the last
-position is the same for every row of a batch and only that position's logits are computed
-(`logits_to_keep`, see `last_position`); position ids follow the attention mask, so padding does not shift positions.
+position is the same for every row of a batch and only that position's logits are computed (`last_position`);
+position ids follow the attention mask, so padding does not shift positions.
 Batches are grouped by length to keep padding small, and the token prefix every prompt shares (system
 prompt, instruction) is computed once and its KV cache reused.
 
@@ -96,9 +96,9 @@ def _attention_implementation(model, name: str):
 def last_position(device) -> torch.Tensor:
     """`logits_to_keep` for the last position only, as an index rather than the int 1.
 
-    transformers slices the hidden states with an int, and a linear layer over that strided [B, 1, H] slice takes a
-    batched-matmul path that copies the output weights once per row when they do not require grad (a frozen
-    model: SmolLM2 scored 3.5x slower); an index gathers a contiguous copy, which the output layer reads directly.
+    transformers slices the hidden states with an int, and a linear layer over that strided [B, 1, H] slice
+    takes a batched-matmul path that copies the output weights once per row when they do not require grad (a
+    frozen SmolLM2 scored 3.5x slower); an index gathers a contiguous copy, which the output layer reads directly.
     """
     return torch.tensor([-1], device=device)
 
