@@ -39,6 +39,9 @@ def test_tiny_profile_end_to_end(root, shared_data, ray_local):
     rows = ablation_rows(root, "e2e")
     assert [r["model"] for r in rows][:3] == ["majority", "lexical (BM25 features + sklearn)",
                                                "cross-encoder (all-MiniLM-L6-v2)"]
+    # every row, baselines included, has its CumPT tiers and prior-corrected argmax, tuned on val
+    assert all(isinstance(r[column], float) for r in rows
+               for column in ("tier F1 CumPT", "tier F1 thresholds", "macro_f1 prior-corr."))
     path, _ = write_report(root, "e2e")
     assert "SFT, post-CoT" in path.read_text()
 

@@ -169,7 +169,7 @@ def baselines(spec: RunSpec) -> StageResult:
         summary = {}
         for name, result in results.items():
             metrics = _evaluate_and_log(ctx, name, splits, result["val_probs"], result["test_probs"])
-            summary[name] = {"test": metrics["test"], "seconds": result["seconds"]}
+            summary[name] = {"test": metrics["test"], "tiers": metrics["tiers"], "seconds": result["seconds"]}
         return summary
 
     return _stage(spec, "baselines", {"prepare": _dir(spec, "prepare")}, body)
