@@ -44,7 +44,6 @@ def test_scores_do_not_depend_on_batching():
     assert np.abs(one - many).max() < 1e-5
 
 
-
 @pytest.mark.parametrize("prefix_in_attention", [True, False])
 def test_a_frozen_model_gives_its_output_layer_a_contiguous_last_position(prefix_in_attention):
     # A strided [B, 1, H] slice into a linear layer whose weights do not require grad takes a batched-matmul
@@ -61,6 +60,7 @@ def test_a_frozen_model_gives_its_output_layer_a_contiguous_last_position(prefix
     assert np.abs(frozen - before).max() < 1e-6
     assert len(seen) == 3  # the shared prefix's pass and two batches
     assert all(x.shape[1] == 1 and x.is_contiguous() for x in seen)
+
 
 def test_length_batches_cover_every_index_once():
     batches = length_batches([5, 50, 7, 49, 6, 51], 2)
