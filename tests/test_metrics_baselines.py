@@ -136,11 +136,13 @@ def test_levels_to_tiers_and_thresholds():
     assert argmax_tiers(probs).tolist() == [3, 1, 2]
 
 
-def _synthetic_val(seed: int = 0, n: int = 400) -> tuple[np.ndarray, np.ndarray]:
-    """Noisy, biased-towards-level-4 probabilities, so tuning has something to fix."""
+def _synthetic_val(seed: int = 0, n: int = 400, level_share=(0.15, 0.3, 0.1, 0.45), signal: float = 1.2,
+                   noise: float = 1.0, prior=(0, 0, 0.3, 0.8)) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy probabilities with a bump of `signal` on the true level and a `prior` towards level 4, so tuning
+    has something to fix."""
     rng = np.random.default_rng(seed)
-    y = rng.choice([1, 2, 3, 4], size=n, p=[0.15, 0.3, 0.1, 0.45])
-    logits = rng.normal(size=(n, 4)) + 1.2 * one_hot(y) + np.array([0, 0, 0.3, 0.8])
+    y = rng.choice([1, 2, 3, 4], size=n, p=level_share)
+    logits = rng.normal(0.0, noise, size=(n, 4)) + signal * one_hot(y) + np.array(prior)
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     return probs, y
 
@@ -172,17 +174,11 @@ def test_tier_report_and_evaluate_probs():
     assert not {"tiers", "prior_corrected"} & set(evaluate_probs(df, probs_test))
 
 
-def _skewed(seed: int, n: int = 400) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities that carry the level (a bump on the true level) under a strong prior for level 4."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(1, 5, size=n)
-    logits = 2.0 * one_hot(y) + rng.normal(0.0, 0.7, size=(n, 4)) + np.array([0.0, 0.0, 0.0, 3.0])
-    return np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True), y
-
-
 def test_prior_offsets_undo_a_level_prior_the_argmax_cannot_see_past():
-    probs_val, y_val = _skewed(0)
-    probs_test, y_test = _skewed(1)
+    # levels carried clearly (signal 2) under a strong prior for level 4
+    skewed = {"level_share": (0.25,) * 4, "signal": 2.0, "noise": 0.7, "prior": (0, 0, 0, 3.5)}
+    probs_val, y_val = _synthetic_val(0, **skewed)
+    probs_test, y_test = _synthetic_val(1, **skewed)
     plain = classification_metrics(y_test, probs_test)
     assert (predicted_levels(probs_test) == 4).mean() > 0.9  # the prior wins the argmax
     offsets, val_f1 = tune_prior_offsets(probs_val, y_val)
