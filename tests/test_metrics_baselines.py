@@ -305,10 +305,11 @@ def test_run_baselines_without_cross_encoder(crowdflower):
 def test_cross_encoder_beats_majority_and_round_trips(crowdflower, tmp_path: Path):
     train, test = crowdflower["train"], crowdflower["test"]
     majority = _macro_f1(test, MajorityBaseline().fit(train).predict_proba(test))
-    # 2 epochs over 3200 sampled rows = 200 steps of 32 pairs (about 2-3 minutes on 2 CPU cores)
-    config = CrossEncoderConfig(epochs=2, max_train_rows=3200, progress=False)
+    # 2 epochs over 1600 sampled rows = 100 steps of 32 pairs (about 1 minute on 2 CPU cores): test macro-F1
+    # 0.315 against the majority's 0.182 here (3200 rows reach 0.38 in twice the time)
+    config = CrossEncoderConfig(epochs=2, max_train_rows=1600, progress=False)
     model = CrossEncoderBaseline(config).fit(train)
-    assert model.train_rows == 3200 and len(model.history) == 2
+    assert model.train_rows == 1600 and len(model.history) == 2
     assert model.history[1] < model.history[0]
     probs = model.predict_proba(test)
     assert probs.shape == (len(test), 4) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
