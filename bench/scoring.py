@@ -6,9 +6,9 @@ the rationale length, as serving a CoT model that writes its reasoning would. Fi
 ways: the shared prefix read in place by the attention (the default) and its KV cache copied into every batch
 (the fallback for other architectures). Pairs per second, median of `--repeats` alternating runs.
 
-The ratio depends on the batch size as much as on the method: a decode step costs little more for 32 rows than
-for 8 on a CPU, so decoding gains throughput with the batch while prefill-only scoring is already compute-bound
-(2 CPU cores: 23x at batch 8, 18x at 16, 12x at 32). `--batch` takes several sizes and prints one table.
+The ratio depends on the batch size as much as on the method: on a CPU a decode step costs little more for 32
+rows than for 8, so decoding gains throughput with the batch while prefill-only scoring is compute-bound at any
+batch and the ratio falls as the batch grows. `--batch` takes several sizes and prints one table.
 
     .venv/bin/python bench/scoring.py --model tiny
     .venv/bin/python bench/scoring.py --model smollm2-135m --pairs 64 --dtype bfloat16 --batch 8 16 32
