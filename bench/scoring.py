@@ -6,9 +6,9 @@ the rationale length, as serving a CoT model that writes its reasoning would. Fi
 ways: the shared prefix read in place by the attention (the default) and its KV cache copied into every batch
 (the fallback for other architectures). Pairs per second, median of `--repeats` alternating runs.
 
-The ratio depends on the batch size as much as on the method: on a CPU a decode step costs little more for 32
-rows than for 8, so decoding gains throughput with the batch while prefill-only scoring is compute-bound at any
-batch and the ratio falls as the batch grows. `--batch` takes several sizes and prints one table.
+The ratio depends on the batch size as much as on the method: on a CPU a decode step costs little more for
+32 rows than for 8, so decoding gains throughput with the batch while prefill-only scoring is compute-bound
+at any batch and the ratio falls as the batch grows. `--batch` takes several sizes and prints one table.
 
     .venv/bin/python bench/scoring.py --model tiny
     .venv/bin/python bench/scoring.py --model smollm2-135m --pairs 64 --dtype bfloat16 --batch 8 16 32
@@ -27,7 +27,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny", help="tiny, smollm2-135m or a model folder")
     parser.add_argument("--pairs", type=int, default=128)
-    parser.add_argument("--batch", type=int, nargs="+", default=[16], help="batch sizes, each timed on its own")
+    parser.add_argument("--batch", type=int, nargs="+", default=[16],
+                        help="batch sizes, each timed on its own")
     parser.add_argument("--rationale-tokens", type=int, default=None,
                         help="tokens decoded per pair (default: the mean token length of these pairs' responses, "
                              "label line and rule-base rationale, under the model's tokenizer)")
@@ -89,8 +90,8 @@ def main() -> None:
             timings["decode rationale"].append(time.perf_counter() - start)
         med = {k: statistics.median(v) for k, v in timings.items()}
         for name, sec in med.items():
-            print(f"{batch:>5}  {name:<28} {sec:>8.2f} {args.pairs / sec:>9.1f} {med['decode rationale'] / sec:>9.1f}x",
-                  flush=True)
+            speedup = med["decode rationale"] / sec
+            print(f"{batch:>5}  {name:<28} {sec:>8.2f} {args.pairs / sec:>9.1f} {speedup:>9.1f}x", flush=True)
     print("target: first-token >= 20x decode")
 
 
