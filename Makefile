@@ -25,7 +25,8 @@ export AIRFLOW_HOME := $(CURDIR)/.airflow
 export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
-export DS_ACCELERATOR := cpu
+# DeepSpeed's CPU accelerator only where no NVIDIA GPU is visible (pipelines/env.py decides the same way).
+export DS_ACCELERATOR ?= $(if $(wildcard /dev/nvidia[0-9]*),cuda,cpu)
 export SEARCHREL_ROOT := $(ROOT)
 
 .PHONY: venv demo test test-fast lint bench ui clean airflow teacher-server

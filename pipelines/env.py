@@ -30,9 +30,20 @@ def apply_defaults() -> None:
         "HF_DATASETS_OFFLINE": "1",
         "HF_HOME": str(cache / "hf_home"),
         "TORCH_EXTENSIONS_DIR": str(cache / "torch_extensions"),
-        "DS_ACCELERATOR": "cpu",
         "TOKENIZERS_PARALLELISM": "false",
         "GIT_PYTHON_REFRESH": "quiet",
     }
+    if not cuda_visible():
+        # DeepSpeed would probe for accelerators it cannot use here (and pick none); with a GPU it finds CUDA.
+        defaults["DS_ACCELERATOR"] = "cpu"
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+
+
+def cuda_visible() -> bool:
+    """Whether this process can see an NVIDIA GPU, without importing torch (this runs at every start-up):
+    a device node exists and CUDA_VISIBLE_DEVICES does not hide them all."""
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if hidden is not None and hidden.strip() in ("", "-1"):
+        return False
+    return any(Path("/dev").glob("nvidia[0-9]*"))

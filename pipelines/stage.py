@@ -190,12 +190,16 @@ def run_stage(
         return StageResult(out, previous, skipped=True)
 
     base.mkdir(parents=True, exist_ok=True)
+    checkpoints = base / ".checkpoints" / stage
+    if force and checkpoints.exists():
+        log.info("stage %s/%s/%s: --force clears its checkpoints in %s", pipeline, run_key, stage, checkpoints)
+        shutil.rmtree(checkpoints)
     for stale in base.glob(f".tmp-{stage}-*"):
         shutil.rmtree(stale, ignore_errors=True)
     work = base / f".tmp-{stage}-{uuid.uuid4().hex[:8]}"
     work.mkdir()
     ctx = StageContext(pipeline=pipeline, run_key=run_key, stage=stage, root=root, work_dir=work,
-                       checkpoint_dir=base / ".checkpoints" / stage, config=config, inputs=dict(inputs))
+                       checkpoint_dir=checkpoints, config=config, inputs=dict(inputs))
     started = dt.datetime.now(dt.UTC)
     try:
         if tracking:

@@ -63,26 +63,27 @@ def ray_local():
     ray.shutdown()
 
 
-def kill_and_rerun(args: list[str], checkpoint_dir: Path, kill_at_step: int, final_output: Path,
+def kill_and_rerun(args: list[str], checkpoint_dir: Path, name: str, kill_at_step: int, final_output: Path,
                    poll_s: float = 0.2) -> tuple[dict, int]:
-    """Start the job `args` (it prints its JSON result as the last line), SIGKILL its whole session once its
-    checkpoint marker reaches `kill_at_step`, check that `final_output` was not written, then rerun it to the
-    end. Returns (the rerun's result, the step of the checkpoint it was killed after)."""
-    from pipelines.relevance.sft import read_marker
+    """Start the job `args` (it prints its JSON result as the last line), SIGKILL its whole session once the
+    newest checkpoint Ray Train registered for the run `name` reaches `kill_at_step`, check that
+    `final_output` was not written, then rerun it to the end. Returns (the rerun's result, the step of the
+    checkpoint it was killed after)."""
+    from pipelines.training.runtime import latest_checkpoint_step
 
     env = os.environ | {"PYTHONPATH": os.getcwd()}
     proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        marker = read_marker(checkpoint_dir)
-        if marker and marker["step"] >= kill_at_step:
+        step = latest_checkpoint_step(checkpoint_dir, name)
+        if step is not None and step >= kill_at_step:
             break
         time.sleep(poll_s)
     assert proc.poll() is None, "the job finished before it could be killed"
     kill_session(proc.pid)  # the driver and every Ray process it started
     proc.wait()
-    killed_at = read_marker(checkpoint_dir)["step"]
+    killed_at = latest_checkpoint_step(checkpoint_dir, name)
     assert not final_output.exists(), f"{final_output} was written by a job killed mid-training"
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -24,7 +24,7 @@ SUCCESS, SKIPPED = "success", "skipped"
 TAOSR1_QUICK = {
     "until": "promote",
     "skip_stages": ["baselines", "sample", "dpo_pairs", "dpo", "evaluate_dpo", "grpo", "evaluate_grpo"],
-    "overrides": ["prepare.max_queries=30", "sft.epochs=1", "sft.max_train_examples=128", "evaluate.max_examples=48",
+    "overrides": ["prepare.max_queries=30", "sft.num_train_epochs=1", "sft.max_train_examples=128", "evaluate.max_examples=48",
                   "promote.max_examples=48"],
 }
 

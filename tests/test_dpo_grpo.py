@@ -162,11 +162,11 @@ def test_dpo_raises_the_reward_margin_on_its_pairs(sft_model, tmp_path, ray_loca
 
     model_dir, rows = sft_model
     pairs = _pairs(model_dir, rows)
-    cfg = build_config(DPOConfig, "dpo", {"max_steps": 3, "micro_batch_size": 8, "learning_rate": 2e-3,
-                                          "warmup_ratio": 0.0, "lr_schedule": "constant", "log_every": 1,
-                                          "checkpoint_every": 0, "cpus_per_worker": 1, "max_length": 128})
+    cfg = build_config(DPOConfig, "dpo", {"max_steps": 3, "per_device_train_batch_size": 8, "learning_rate": 2e-3,
+                                          "warmup_ratio": 0.0, "lr_scheduler_type": "constant", "logging_steps": 1,
+                                          "save_steps": 0, "cpus_per_worker": 1, "max_length": 128})
     t0 = time.perf_counter()
-    summary = run_dpo(pairs, model_dir, cfg, tmp_path / "out", tmp_path / "ckpt", "digest")
+    summary = run_dpo(pairs, model_dir, cfg, tmp_path / "out", tmp_path / "ckpt")
     print(f"dpo: 3 steps in {time.perf_counter() - t0:.1f} s wall, {summary['step_seconds']:.3f} s/step")
     assert summary["total_steps"] == 3 and summary["resumed_from_step"] == 0
     history = pd.read_parquet(tmp_path / "out" / "history.parquet")
@@ -216,7 +216,7 @@ def test_dynamic_sampling_drops_uniform_groups_and_refills():
         return [_fake_group(int(p), int(p) % 5) for p in prompts]
 
     def keep(groups):
-        return keep_groups(groups, 4, graded=False, gamma=0, epsilon=1e-6)
+        return keep_groups(groups, 4, graded=False, gamma=0, reward_std_threshold=1e-6)
 
     kept, stats = dynamic_sampling(sampler.draw, rollout, keep, target_groups=10, max_refill_rounds=5)
     assert len(kept) == 10
@@ -245,7 +245,7 @@ def test_refill_stops_at_its_cap_and_graded_groups_need_spread():
     flat = Group(0, [[1]] * 4, ["2"] * 4, np.full(4, 2 / 3), np.zeros(4, bool), np.ones(4, bool))
     spread = Group(1, [[1]] * 4, ["2"] * 4, np.array([2 / 3, 1 / 3, 2 / 3, 2 / 3]), np.zeros(4, bool),
                    np.ones(4, bool))
-    assert keep_groups([flat, spread], 4, graded=True, gamma=0, epsilon=1e-6).tolist() == [False, True]
+    assert keep_groups([flat, spread], 4, graded=True, gamma=0, reward_std_threshold=1e-6).tolist() == [False, True]
 
 
 def test_prompt_sampler_resumes_at_the_same_position_and_pool_is_balanced():
@@ -323,7 +323,7 @@ def test_micro_batches_accumulate_to_the_loss_of_the_whole_mini_batch(single_pro
         completions = [rng.integers(3, 200, size=rng.integers(1, 6)).tolist() + [2] for _ in range(4)]
         rewards = np.array([1.0, 0.0, *rng.integers(0, 2, size=2)])
         groups.append(Group(p, completions, [""] * 4, rewards, rewards > 0, np.ones(4, dtype=bool)))
-    config = GRPOConfig(group_size=4, micro_batch_size=5, mini_batches=1, loss_type=loss_type, beta_kl=0.05,
+    config = GRPOConfig(group_size=4, per_device_train_batch_size=5, mini_batches=1, loss_type=loss_type, beta_kl=0.05,
                         temperature=0.9)
 
     policy = copy.deepcopy(model)
@@ -375,16 +375,16 @@ def test_grpo_config_is_checked():
 
 
 GRPO_SMALL = {"group_size": 4, "prompts_per_step": 4, "max_new_tokens": 8, "generation_batch_size": 4,
-              "micro_batch_size": 8, "mini_batches": 2, "learning_rate": 1e-3, "max_refill_rounds": 2,
-              "checkpoint_every": 0, "cpus_per_worker": 1, "max_prompt_length": 128}
+              "per_device_train_batch_size": 8, "mini_batches": 2, "learning_rate": 1e-3, "max_refill_rounds": 2,
+              "save_steps": 0, "cpus_per_worker": 1, "max_prompt_length": 128}
 
 
 @pytest.mark.slow
 def test_grpo_two_steps_give_finite_metrics(sft_model, tmp_path, ray_local):
     model_dir, rows = sft_model
-    cfg = build_config(GRPOConfig, "grpo", GRPO_SMALL | {"steps": 2})
+    cfg = build_config(GRPOConfig, "grpo", GRPO_SMALL | {"max_steps": 2})
     t0 = time.perf_counter()
-    summary = run_grpo(rows, model_dir, cfg, tmp_path / "out", tmp_path / "ckpt", "digest")
+    summary = run_grpo(rows, model_dir, cfg, tmp_path / "out", tmp_path / "ckpt")
     print(f"grpo: 2 steps in {time.perf_counter() - t0:.1f} s wall; per step {summary['step_seconds']:.3f} s "
           f"(generate {summary['generate_seconds']:.3f}, update {summary['update_seconds']:.3f})")
     assert summary["total_steps"] == 2 and summary["skipped_steps"] == 0
@@ -410,27 +410,27 @@ KILLABLE = textwrap.dedent("""
     rows = pd.read_parquet(sys.argv[1])
     cfg = build_config(GRPOConfig, "grpo", json.loads(sys.argv[2]))
     out = Path(sys.argv[3]); out.mkdir(exist_ok=True)
-    print(json.dumps(run_grpo(rows, Path(sys.argv[4]), cfg, out, Path(sys.argv[5]), "digest")))
+    print(json.dumps(run_grpo(rows, Path(sys.argv[4]), cfg, out, Path(sys.argv[5]))))
 """)
 
 
 @pytest.mark.slow
 def test_grpo_resumes_after_sigkill_where_it_stopped(sft_model, tmp_path, ray_local):
     model_dir, rows = sft_model
-    overrides = GRPO_SMALL | {"steps": 8, "checkpoint_every": 2}
+    overrides = GRPO_SMALL | {"max_steps": 8, "save_steps": 2}
     rows_path, script, ckpt = tmp_path / "rows.parquet", tmp_path / "grpo_job.py", tmp_path / "ckpt"
     rows.to_parquet(rows_path)
     script.write_text(KILLABLE)
     args = [sys.executable, str(script), str(rows_path), json.dumps(overrides), str(tmp_path / "out"),
             str(model_dir), str(ckpt)]
-    resumed, killed_at = kill_and_rerun(args, ckpt, 2, tmp_path / "out" / "model", poll_s=0.1)
+    resumed, killed_at = kill_and_rerun(args, ckpt, "grpo", 2, tmp_path / "out" / "model", poll_s=0.1)
     assert killed_at in (2, 4, 6)
     assert resumed["resumed_from_step"] == killed_at and resumed["total_steps"] == 8
     assert resumed["steps_run"] == 8 - killed_at
     resumed_history = pd.read_parquet(tmp_path / "out" / "history.parquet")
 
     straight = run_grpo(rows, model_dir, build_config(GRPOConfig, "grpo", overrides), tmp_path / "straight",
-                        tmp_path / "ckpt2", "digest")
+                        tmp_path / "ckpt2")
     assert straight["resumed_from_step"] == 0 and straight["sampler"] == resumed["sampler"]
     history = pd.read_parquet(tmp_path / "straight" / "history.parquet").set_index("step")
     for _, row in resumed_history.iterrows():

@@ -51,7 +51,7 @@ def trained(tmp_path_factory, shared_data, ray_local):
         mp.setenv("SEARCHREL_ROOT", str(root))
         spec = RunSpec(run_key="serve", root=root, dataset="crowdflower",
                        path=shared_data / "crowdflower_search_relevance", profile="tiny",
-                       overrides=["prepare.max_queries=30", "sft.epochs=1", "sft.max_train_examples=128"])
+                       overrides=["prepare.max_queries=30", "sft.num_train_epochs=1", "sft.max_train_examples=128"])
         results = run_taosr1(spec, ["prepare", "rationales", "sft", "evaluate", "register", "promote"])
         yield root, spec, results
 

@@ -12,10 +12,11 @@ from conftest import kill_and_rerun
 
 from pipelines.config import build_config
 from pipelines.data.relevance import PrepareConfig, prepare_relevance, read_split
-from pipelines.relevance.sft import SFTConfig, epoch_batches, run_sft, tokenize_examples
+from pipelines.relevance.sft import SFTConfig, run_sft, tokenize_examples
+from pipelines.training.sharding import epoch_batches
 
-SMALL = {"max_train_examples": 96, "max_val_examples": 32, "micro_batch_size": 8, "learning_rate": 2e-3,
-         "eval_every": 0, "checkpoint_every": 0, "log_every": 4, "max_length": 256}
+SMALL = {"max_train_examples": 96, "max_val_examples": 32, "per_device_train_batch_size": 8,
+         "learning_rate": 2e-3, "eval_steps": 0, "save_steps": 0, "logging_steps": 4, "max_length": 256}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def _sft(judgments, tmp_path, **overrides):
     cfg = build_config(SFTConfig, "sft", SMALL | overrides)
     out = tmp_path / "out"
     out.mkdir(parents=True, exist_ok=True)
-    return run_sft(train, val, cfg, out, tmp_path / "ckpt", "digest"), out
+    return run_sft(train, val, cfg, out, tmp_path / "ckpt"), out
 
 
 @pytest.mark.parametrize("zero_stage", [0, 1, 2])
@@ -112,7 +113,7 @@ KILLABLE = textwrap.dedent("""
     train = pd.read_parquet(sys.argv[1]); val = pd.read_parquet(sys.argv[2])
     cfg = build_config(SFTConfig, "sft", json.loads(sys.argv[3]))
     out = Path(sys.argv[4]); out.mkdir(exist_ok=True)
-    print(json.dumps(run_sft(train, val, cfg, out, Path(sys.argv[5]), "digest")))
+    print(json.dumps(run_sft(train, val, cfg, out, Path(sys.argv[5]))))
 """)
 
 
@@ -125,12 +126,12 @@ def _run_killed_then_resumed(judgments, tmp_path, overrides, kill_at_step):
     script.write_text(KILLABLE)
     args = [sys.executable, str(script), str(train_path), str(val_path), json.dumps(SMALL | overrides),
             str(tmp_path / "out"), str(tmp_path / "ckpt")]
-    return kill_and_rerun(args, tmp_path / "ckpt", kill_at_step, tmp_path / "out" / "model")
+    return kill_and_rerun(args, tmp_path / "ckpt", "sft", kill_at_step, tmp_path / "out" / "model")
 
 
 @pytest.mark.slow
 def test_sigkill_mid_training_resumes_to_the_same_result(judgments, tmp_path, ray_local):
-    overrides = {"max_steps": 10, "checkpoint_every": 3}
+    overrides = {"max_steps": 10, "save_steps": 3}
     resumed, killed_at = _run_killed_then_resumed(judgments, tmp_path, overrides, kill_at_step=3)
     assert killed_at in (3, 6, 9)
     assert resumed["resumed_from_step"] == killed_at and resumed["total_steps"] == 10
@@ -144,7 +145,7 @@ def test_sigkill_mid_training_resumes_to_the_same_result(judgments, tmp_path, ra
 def test_resume_exactly_at_an_epoch_boundary_trains_the_remaining_epochs(judgments, tmp_path, ray_local):
     _, train, _ = judgments
     steps_per_epoch = 96 // 8  # max_train_examples / micro_batch_size
-    overrides = {"epochs": 2, "checkpoint_every": steps_per_epoch}
+    overrides = {"num_train_epochs": 2, "save_steps": steps_per_epoch}
     resumed, killed_at = _run_killed_then_resumed(judgments, tmp_path, overrides, kill_at_step=steps_per_epoch)
     assert killed_at == steps_per_epoch
     assert resumed["resumed_from_step"] == steps_per_epoch

@@ -15,7 +15,7 @@ from pipelines.tracking import runs
 def test_tiny_profile_end_to_end(root, shared_data, ray_local):
     spec = RunSpec(run_key="e2e", root=root, dataset="crowdflower",
                    path=shared_data / "crowdflower_search_relevance", profile="tiny",
-                   overrides=["prepare.max_queries=30", "sft.epochs=1", "sft.max_train_examples=128"])
+                   overrides=["prepare.max_queries=30", "sft.num_train_epochs=1", "sft.max_train_examples=128"])
     results = run_taosr1(spec, ["main"])
     assert list(results) == ["prepare", "rationales", "baselines", "sft", "evaluate"]
     assert not any(r.skipped for r in results.values())
@@ -82,8 +82,8 @@ def test_tiny_no_cot_sft_beats_the_majority_baseline(root, shared_data, ray_loca
     beats the majority class's test macro-F1 by a margin, scored by the same evaluation code."""
     spec = RunSpec(run_key="bar", root=root, dataset="crowdflower",
                    path=shared_data / "crowdflower_search_relevance", profile="tiny",
-                   overrides=["prepare.max_queries=0", "sft.max_train_examples=0", "sft.micro_batch_size=32",
-                              "sft.epochs=6", "baselines.baselines=[majority]", "evaluate.hallucination_examples=0"])
+                   overrides=["prepare.max_queries=0", "sft.max_train_examples=0", "sft.per_device_train_batch_size=32",
+                              "sft.num_train_epochs=6", "baselines.baselines=[majority]", "evaluate.hallucination_examples=0"])
     results = run_taosr1(spec, ["prepare", "rationales", "baselines", "sft_no_cot", "evaluate_no_cot"])
     majority = results["baselines"].summary["majority"]["test"]
     sft = json.loads((results["evaluate_no_cot"].path / "metrics.json").read_text())["test"]

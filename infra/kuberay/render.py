@@ -28,7 +28,7 @@ def _labels(v: dict[str, Any], component: str) -> dict[str, str]:
 
 def _env(v: dict[str, Any], accelerator: str) -> list[dict[str, str]]:
     # Ray workers do not run pipelines.env.apply_defaults (only the driver does), so the pod carries the same
-    # process environment. DS_ACCELERATOR must be set: apply_defaults would otherwise default it to cpu.
+    # process environment. DS_ACCELERATOR is set explicitly rather than left to apply_defaults' device probe.
     values = {
         "SEARCHREL_ROOT": v["storage"]["artifact_root"],
         "SEARCHREL_CACHE": "/tmp/searchrel-cache",

@@ -1,10 +1,10 @@
-"""TaoSR1 stage 3: GRPO with difficulty-based dynamic sampling, on a DeepSpeed engine inside Ray Train.
+"""TaoSR1 stage 3: GRPO with difficulty-based dynamic sampling, on the shared training runtime.
 
 The driver (`run_grpo`) builds the prompt pool from judgments with gold labels (class-balanced by down-sampling
-every level to the rarest one's count, as the paper found best), and starts a `TorchTrainer`. Every worker
-builds a `GRPOWorker`, whose `fit()` reads like verl's `RayPPOTrainer.fit`:
+every level to the rarest one's count, as the paper found best), and runs `GRPOWorker` on Ray Train workers.
+`pipelines.training.runtime` owns the loop (resume with the prompt sampler's state, checkpoints, final save);
+`GRPOWorker.training_step` reads like verl's `RayPPOTrainer.fit` body:
 
-    resume (model, optimizer, scheduler, prompt sampler, RNG)
     for each step:
         draw prompts -> sample G rollouts each -> rewards (parse_label vs gold)
         dynamic sampling: drop groups with 0 or >= gamma correct (no reward spread when graded),
@@ -12,8 +12,7 @@ builds a `GRPOWorker`, whose `fit()` reads like verl's `RayPPOTrainer.fit`:
         old log-probs (the policy that sampled; only needed when one rollout batch feeds several updates)
         reference log-probs (the frozen start model; LoRA: the same model with adapters off)
         advantages (group-normalised) -> per mini-batch: grpo_loss -> backward -> step
-        log kept-group fraction, reward mean/std, KL, clip fractions, entropy, refill rounds; checkpoint
-    rank 0 saves the final model and copies the start model's card
+        log kept-group fraction, reward mean/std, KL, clip fractions, entropy, refill rounds
 
 Generation runs on rank 0 and the kept batch is broadcast; each rank then trains on its shard of every
 mini-batch. Sampling is seeded per (seed, step, round), and the prompt sampler's state (epoch, position) is in
@@ -32,7 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -40,7 +39,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipelines.relevance.dpo import _progress, copy_card
 from pipelines.relevance.losses import (
     ADVANTAGE_SCALES,
     GRPO_LOSS_TYPES,
@@ -51,21 +49,10 @@ from pipelines.relevance.losses import (
     response_logps,
     sequence_logps,
 )
-from pipelines.relevance.sampling import read_model_card
-from pipelines.relevance.sft import (
-    LoraSettings,
-    _rng_state,
-    _save_final,
-    _set_rng_state,
-    _Tracker,
-    _write_marker,
-    build_engine,
-    collate,
-    fit_workers,
-    read_marker,
-    set_up_worker,
-    with_lora,
-)
+from pipelines.relevance.model_card import copy_card, read_model_card
+from pipelines.relevance.sft import collate
+from pipelines.training.config import TrainingConfig
+from pipelines.training.runtime import TrainingWorker, run_training
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +60,14 @@ PROMPTS_FILE = "grpo_prompts.parquet"  # the prompt pool: prompt text, token ids
 
 
 @dataclass
-class GRPOConfig:
-    """Settings of the `grpo` stage (TaoSR1 stage 3: GRPO with difficulty-based dynamic sampling)."""
+class GRPOConfig(TrainingConfig):
+    """Settings of the `grpo` stage (TaoSR1 stage 3: GRPO with difficulty-based dynamic sampling).
 
-    steps: int = field(default=100, metadata={"help": "Rollout-and-update steps."})
+    `max_steps` counts rollout-and-update steps (each takes `mini_batches` optimizer steps); the learning-rate
+    schedule runs over the optimizer steps. `num_train_epochs` is not used: prompts are drawn endlessly.
+    """
+
+    max_steps: int = field(default=100, metadata={"help": "Rollout-and-update steps."})
     group_size: int = field(
         default=8, metadata={"help": "G: responses sampled per prompt (DyKnow-RAG, the sister paper, uses 16)."})
     prompts_per_step: int = field(
@@ -99,10 +90,12 @@ class GRPOConfig:
     graded_reward: bool = field(
         default=False,
         metadata={"help": "Ordinal partial credit 1 - |pred - gold| / 3 instead of 0/1 correctness; groups are "
-                  "then kept by reward spread (std > epsilon)."},
+                  "then kept by reward spread (std > reward_std_threshold)."},
     )
-    epsilon: float = field(
-        default=1e-6, metadata={"help": "Graded reward: keep a group iff the std of its rewards exceeds this."})
+    reward_std_threshold: float = field(
+        default=1e-6,
+        metadata={"help": "Graded reward: keep a group iff the std of its rewards exceeds this (not TRL's `epsilon`, "
+                  "which is the ratio clip: here `epsilon_low`)."})
     format_penalty: float = field(
         default=0.0,
         metadata={"help": "Reward of a response whose label cannot be parsed (e.g. -0.5 to punish format errors; "
@@ -141,25 +134,25 @@ class GRPOConfig:
         metadata={"help": "Optimizer updates per rollout batch (verl: train batch / ppo mini-batch). 1 = on-policy: "
                   "the ratio is 1 and the clip never acts; >1: later mini-batches are off-policy and clipped."},
     )
-    micro_batch_size: int = field(default=8, metadata={"help": "Sequences per worker per forward pass."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Sequences per worker per forward pass."})
     learning_rate: float = field(
         default=1e-6, metadata={"help": "Peak learning rate (AdamW); DyKnow-RAG 1e-6. Tiny models need more."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     warmup_ratio: float = field(default=0.0, metadata={"help": "Share of optimizer steps with linear warm-up."})
-    lr_schedule: str = field(default="constant", metadata={"help": "Decay after warm-up: cosine, linear, constant."})
-    gradient_clipping: float = field(default=1.0, metadata={"help": "Global gradient-norm clip."})
-    zero_stage: int = field(
+    lr_scheduler_type: Literal["linear", "cosine", "constant"] = field(
+        default="constant", metadata={"help": "Decay after the linear warm-up: linear, cosine or constant."})
+    zero_stage: Literal[0, 1, 2] = field(
         default=2, metadata={"help": "DeepSpeed ZeRO stage, 0-2 (rank 0 generates with the whole model)."})
-    bf16: bool = field(default=False, metadata={"help": "DeepSpeed bf16 mode; the reference model runs in bf16."})
-    num_workers: int = field(default=1, metadata={"help": "Ray Train workers (data-parallel ranks)."})
-    cpus_per_worker: int = field(default=2, metadata={"help": "CPUs per worker; also its torch thread count."})
-    use_gpu: bool = field(default=False, metadata={"help": "One GPU per worker (the gpu profile)."})
-    checkpoint_every: int = field(default=10, metadata={"help": "Checkpoint every N steps (0 = end only)."})
-    log_every: int = field(default=1, metadata={"help": "Log metrics every N steps."})
-    lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA settings."})
+    save_steps: int = field(default=10, metadata={"help": "Checkpoint every N steps (0 = end only)."})
+    logging_steps: int = field(default=1, metadata={"help": "Log metrics every N steps."})
     seed: int = field(default=0, metadata={"help": "Seed of the prompt order, the class balancing and sampling."})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_steps < 1:
+            raise ValueError("max_steps must be at least 1: GRPO draws prompts endlessly and has no epochs")
+        if self.gradient_accumulation_steps != 1:
+            raise ValueError("gradient_accumulation_steps must be 1: each GRPO update accumulates over however "
+                             "many micro-batches its mini-batch fills (mini_batches sets the updates per step)")
         if self.loss_type not in GRPO_LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {GRPO_LOSS_TYPES}, got {self.loss_type!r}")
         if self.advantage_scale not in ADVANTAGE_SCALES:
@@ -168,15 +161,6 @@ class GRPOConfig:
             raise ValueError("group_size must be at least 2: advantages are relative within a group")
         if not 0 <= self.gamma <= self.group_size:
             raise ValueError(f"gamma must lie in [0, group_size={self.group_size}], got {self.gamma}")
-        if self.zero_stage not in (0, 1, 2):
-            raise ValueError("zero_stage must be 0, 1 or 2: rank 0 generates with the whole model, which ZeRO-3 "
-                             "would partition across ranks")
-
-    @property
-    def gradient_accumulation_steps(self) -> int:
-        """For `sft.build_engine`: DeepSpeed's fixed accumulation is unused here; each update accumulates over
-        however many micro-batches its mini-batch fills, marking the boundary itself."""
-        return 1
 
 
 # ---------------------------------------------------------------------------------------- the prompt pool
@@ -380,11 +364,11 @@ def plan_minibatches(groups: list[Group], prompt_ids: Sequence[list[int]], confi
     lengths = np.array([len(s) - st for s, st in zip(ids, starts, strict=True)])
     minis = []
     for rows in np.array_split(np.arange(len(ids)), min(c.mini_batches, len(ids))):
-        n_micro = math.ceil(math.ceil(len(rows) / world) / c.micro_batch_size)
+        n_micro = math.ceil(math.ceil(len(rows) / world) / c.per_device_train_batch_size)
         mine = rows[rank::world]
         micros = []
         for j in range(n_micro):
-            part = mine[j * c.micro_batch_size:(j + 1) * c.micro_batch_size]
+            part = mine[j * c.per_device_train_batch_size:(j + 1) * c.per_device_train_batch_size]
             weight = torch.ones(len(part)) if len(part) else torch.zeros(1)
             part = part if len(part) else rows[:1]
             batch = collate([ids[i] for i in part], [starts[i] for i in part], pad_id)
@@ -460,92 +444,90 @@ def update_policy(engine, minis: list[dict[str, Any]], config: GRPOConfig, world
 # ------------------------------------------------------------------------------------------------ the worker
 
 
-class GRPOWorker:
-    """One Ray Train worker's GRPO run; `fit()` is the loop."""
+class GRPOWorker(TrainingWorker):
+    """One Ray Train worker's GRPO run. `TrainingWorker.fit` is the loop; `training_step` reads like verl's
+    `RayPPOTrainer.fit` body: generate, score, filter, advantages, update."""
+
+    name = "grpo"
 
     def __init__(self, cfg: dict[str, Any]):
-        import ray.train
-
         from pipelines.config import build_config
-        from pipelines.relevance.models import load_model
 
-        self.cfg = cfg
-        self.config: GRPOConfig = build_config(GRPOConfig, "grpo", cfg["grpo"])
-        c = self.config
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        set_up_worker(c, self.rank)
-        self.paths = {k: Path(v) for k, v in cfg["paths"].items()}
+        super().__init__(cfg, build_config(GRPOConfig, "grpo", cfg["grpo"]))
         self.style = cfg["card"].get("response_style", "post_cot")
 
-        model, self.tokenizer = load_model(self.paths["start_model"], "float32")
-        model = with_lora(model, c.lora)
-        self.engine, self.scheduler, self.params = build_engine(model, c, c.steps * c.mini_batches, self.world)
-        self.device = self.engine.device
+    # ------------------------------------------------------------------ hooks
+
+    def setup(self):
+        from pipelines.training.modeling import load_model
+
+        c = self.config
+        model, self.tokenizer = self.load_pretrained(self.paths["start_model"])
         # The frozen reference: with LoRA, the policy with its adapters off; otherwise a second copy.
         self.reference = None
         if c.beta_kl and not c.lora.enabled:
             self.reference, _ = load_model(self.paths["start_model"], "bfloat16" if c.bf16 else "float32")
-            self.reference.to(self.device).eval().requires_grad_(False)
-
+            self.reference.eval().requires_grad_(False)
         prompts = pq.read_table(self.paths["prompts"]).to_pydict()
         self.prompt_ids, self.gold = prompts["prompt_ids"], prompts["label"]
-        self.sampler = PromptSampler(cfg["pool"], c.seed)
+        self.sampler = PromptSampler(self.cfg["pool"], c.seed)
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.step = self.resumed_from = 0
-        self.history: list[dict[str, Any]] = []
-        self.tracker = _Tracker(cfg.get("mlflow"), self.rank)
+        self.tracker.log(self.cfg["pool_stats"], 0)
+        return model
 
-    # ------------------------------------------------------------------ the loop
+    def total_steps(self) -> int:
+        return self.config.max_steps
 
-    def fit(self) -> None:
+    def scheduler_steps(self) -> int:
+        return self.config.max_steps * self.config.mini_batches
+
+    def training_step(self) -> dict[str, float]:
         c = self.config
-        self.resume()
-        if self.rank == 0 and self.step == 0:
-            self.tracker.log(self.cfg["pool_stats"], 0)
-        progress = _progress("grpo", self.rank, c.steps, self.step)
-        self.engine.train()
-        while self.step < c.steps:
-            t0 = time.perf_counter()
-            groups, metrics = self.generate_batch()  # prompts -> G rollouts -> rewards -> dynamic sampling
-            t1 = time.perf_counter()
-            if groups:
-                # mini-batches (one optimizer step each) of this rank's micro-batches, with their advantages
-                minis = plan_minibatches(groups, self.prompt_ids, c, self.rank, self.world, self.pad_id)
-                # old log-probs (when several updates share the rollouts) and reference log-probs
-                add_logps(self.engine, self.reference, minis, c, self.device)
-                # grpo_loss -> backward -> step, once per mini-batch
-                metrics |= update_policy(self.engine, minis, c, self.world, self.device)
-            metrics["train/skipped"] = float(not groups)
-            self.step += 1
-            metrics |= {"time/generate_s": t1 - t0, "time/update_s": time.perf_counter() - t1,
-                        "time/step_s": time.perf_counter() - t0, "train/lr": self.scheduler.get_last_lr()[0],
-                        "sampler/epoch": self.sampler.epoch, "sampler/position": self.sampler.position}
-            self.history.append({"step": self.step, **metrics})
-            progress.update(1)
-            if self.step % c.log_every == 0 or self.step == c.steps:
-                self.tracker.log(metrics, self.step)
-                progress.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}",
-                                     kept=f"{metrics['sampling/kept_group_fraction']:.2f}")
-            if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < c.steps:
-                self.save_checkpoint()
-        progress.close()
-        self.finish()
+        if self.reference is not None:
+            self.reference.to(self.device)
+        t0 = time.perf_counter()
+        groups, metrics = self.generate_batch()  # prompts -> G rollouts -> rewards -> dynamic sampling
+        t1 = time.perf_counter()
+        if groups:
+            # mini-batches (one optimizer step each) of this rank's micro-batches, with their advantages
+            minis = plan_minibatches(groups, self.prompt_ids, c, self.rank, self.world, self.pad_id)
+            # old log-probs (when several updates share the rollouts) and reference log-probs
+            add_logps(self.engine, self.reference, minis, c, self.device)
+            # grpo_loss -> backward -> step, once per mini-batch
+            metrics |= update_policy(self.engine, minis, c, self.world, self.device)
+        metrics["train/skipped"] = float(not groups)
+        return metrics | {"time/generate_s": t1 - t0, "time/update_s": time.perf_counter() - t1,
+                          "sampler/epoch": self.sampler.epoch, "sampler/position": self.sampler.position}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+
+    def progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"reward": f"{metrics['rollout/reward_mean']:.3f}",
+                "kept": f"{metrics['sampling/kept_group_fraction']:.2f}"}
+
+    def summary(self) -> dict[str, Any]:
+        h = self.history
+
+        def mean(key: str) -> float | None:
+            values = [r[key] for r in h if key in r]
+            return float(np.mean(values)) if values else None
+
+        return {
+            "steps_run": self.total - self.resumed_from, "skipped_steps": int(sum(r["train/skipped"] for r in h)),
+            "sampler": self.sampler.state_dict(), "pool": self.cfg["pool_stats"],
+            "final_reward_mean": h[-1]["rollout/reward_mean"] if h else None,
+            "reward_mean": mean("rollout/reward_mean"), "kept_group_fraction": mean("sampling/kept_group_fraction"),
+            "refill_rounds": mean("sampling/refill_rounds"), "kl": mean("train/kl"),
+            "entropy": mean("train/entropy"), "generate_seconds": mean("time/generate_s"),
+            "update_seconds": mean("time/update_s"),
+        }
 
     # ------------------------------------------------------------------ the parts
-
-    def resume(self) -> None:
-        marker = read_marker(self.paths["checkpoints"])
-        if not marker or marker.get("config_digest") != self.cfg["config_digest"]:
-            return
-        _, client = self.engine.load_checkpoint(str(self.paths["checkpoints"]), tag=marker["tag"])
-        self.step = self.resumed_from = client["step"]
-        self.sampler.load_state_dict(client["sampler"])
-        _set_rng_state(client["rng"][self.rank])
-        if self.rank == 0:
-            print(f"grpo: resumed from checkpoint {marker['tag']} at step {self.step}/{self.config.steps}, "
-                  f"sampler {client['sampler']}", flush=True)
 
     def generate_batch(self) -> tuple[list[Group], dict[str, float]]:
         """Rank 0 samples and filters; every rank gets the kept groups, the statistics and the sampler state."""
@@ -555,7 +537,7 @@ class GRPOWorker:
         result = [None]
         if self.rank == 0:
             def keep(groups: list[Group]) -> np.ndarray:
-                return keep_groups(groups, c.group_size, c.graded_reward, c.gamma, c.epsilon)
+                return keep_groups(groups, c.group_size, c.graded_reward, c.gamma, c.reward_std_threshold)
 
             groups, stats = dynamic_sampling(self.sampler.draw, self.rollout, keep, c.prompts_per_step,
                                              c.max_refill_rounds)
@@ -580,53 +562,6 @@ class GRPOWorker:
                                                       c.format_penalty)
             groups.append(Group(int(i), seqs, texts, rewards, correct, valid))
         return groups
-
-    def save_checkpoint(self) -> None:
-        """`sft._checkpoint` with the prompt sampler's state in the client state."""
-        import shutil
-
-        import torch.distributed as dist
-
-        directory = self.paths["checkpoints"]
-        states = [None] * self.world
-        dist.all_gather_object(states, _rng_state())
-        tag = f"step{self.step:07d}"
-        self.engine.save_checkpoint(str(directory), tag=tag, save_latest=False, client_state={
-            "step": self.step, "rng": states, "sampler": self.sampler.state_dict()})
-        dist.barrier()
-        if self.rank == 0:
-            _write_marker(directory, {"tag": tag, "step": self.step, "config_digest": self.cfg["config_digest"],
-                                      "sampler": self.sampler.state_dict()})
-            for old in Path(directory).glob("step*"):
-                if old.name != tag:
-                    shutil.rmtree(old, ignore_errors=True)
-        dist.barrier()
-
-    def finish(self) -> None:
-        c = self.config
-        out = self.paths["output"]
-        if self.rank == 0:
-            _save_final(self.engine.module, self.tokenizer, out / "model", c.lora.enabled)
-            h = self.history
-
-            def mean(key: str) -> float | None:
-                values = [r[key] for r in h if key in r]
-                return float(np.mean(values)) if values else None
-
-            summary = {
-                "total_steps": c.steps, "resumed_from_step": self.resumed_from, "world_size": self.world,
-                "steps_run": len(h), "skipped_steps": int(sum(r["train/skipped"] for r in h)),
-                "sampler": self.sampler.state_dict(), "pool": self.cfg["pool_stats"],
-                "final_reward_mean": h[-1]["rollout/reward_mean"] if h else None,
-                "reward_mean": mean("rollout/reward_mean"), "kept_group_fraction": mean("sampling/kept_group_fraction"),
-                "refill_rounds": mean("sampling/refill_rounds"), "kl": mean("train/kl"),
-                "entropy": mean("train/entropy"), "step_seconds": mean("time/step_s"),
-                "generate_seconds": mean("time/generate_s"), "update_seconds": mean("time/update_s"),
-                "trainable_params": sum(p.numel() for p in self.params),
-            }
-            (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
-            pq.write_table(pa.Table.from_pylist(h) if h else pa.table({"step": []}), out / "history.parquet")
-        self.tracker.close()
 
 
 def train_loop(cfg: dict[str, Any]) -> None:
@@ -664,14 +599,10 @@ def run_grpo(
     config: GRPOConfig,
     out_dir: Path,
     checkpoint_dir: Path,
-    config_digest: str,
     mlflow_run: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """GRPO of the SFT or DPO model in `sft_or_dpo_model_dir` on judgments `train_rows` (query, title,
     description, label: the gold level); writes `out_dir/model` and returns the training summary."""
-
-    from pipelines.raycluster import ensure_ray
-
     start_model_dir = Path(sft_or_dpo_model_dir).resolve()
     checkpoint_dir = Path(checkpoint_dir).resolve()
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -683,20 +614,18 @@ def run_grpo(
     prompts_path = checkpoint_dir / PROMPTS_FILE
     pq.write_table(table, prompts_path)
 
-    ensure_ray()
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     loop_cfg = {
         "grpo": asdict(config),
-        "config_digest": config_digest,
         "mlflow": mlflow_run,
         "card": card,
         "pool": pool.tolist(),
         "pool_stats": pool_stats,
-        "paths": {"start_model": str(start_model_dir), "prompts": str(prompts_path),
-                  "checkpoints": str(checkpoint_dir), "output": str(out_dir)},
+        "paths": {"start_model": str(start_model_dir), "prompts": str(prompts_path), "output": str(out_dir)},
     }
-    fit_workers(train_loop, loop_cfg, config, checkpoint_dir, "grpo")
+    run_training(train_loop, loop_cfg, config, checkpoint_dir, "grpo",
+                 inputs={"prompts": prompts_path, "model": start_model_dir})
     copy_card(start_model_dir, out_dir / "model")
     summary = json.loads((out_dir / "train_summary.json").read_text())
     summary["train_examples"] = len(train_rows)

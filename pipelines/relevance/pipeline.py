@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from pipelines.config import check_override_stages, load_stage_config
-from pipelines.stage import StageContext, StageResult, config_digest, run_stage
+from pipelines.stage import StageContext, StageResult, run_stage
 
 PIPELINE = "taosr1"
 STAGES = ("prepare", "rationales", "baselines", "sft", "evaluate")
@@ -184,8 +184,7 @@ def sft(spec: RunSpec, stage: str = "sft") -> StageResult:
         train = pd.read_parquet(ctx.inputs["rationales"] / "train.parquet")
         val = _read_splits(ctx.inputs["prepare"])["val"]
         mlflow_run = {"tracking_uri": tracking_uri(ctx.root), "run_id": ctx.mlflow_run_id}
-        return run_sft(train, val, ctx.config, ctx.work_dir, ctx.checkpoint_dir, config_digest(ctx.config),
-                       mlflow_run)
+        return run_sft(train, val, ctx.config, ctx.work_dir, ctx.checkpoint_dir, mlflow_run)
 
     return _stage(spec, stage, {"prepare": _dir(spec, "prepare"), "rationales": _dir(spec, "rationales")}, body)
 
@@ -304,7 +303,8 @@ def sample(spec: RunSpec) -> StageResult:
 
 
 def dpo_pairs(spec: RunSpec) -> StageResult:
-    from pipelines.relevance.sampling import build_dpo_pairs, read_model_card
+    from pipelines.relevance.model_card import read_model_card
+    from pipelines.relevance.sampling import build_dpo_pairs
 
     def body(ctx: StageContext) -> dict[str, Any]:
         train = pd.read_parquet(ctx.inputs["rationales"] / "train.parquet")
@@ -334,7 +334,7 @@ def dpo(spec: RunSpec) -> StageResult:
     def train(ctx: StageContext, mlflow_run) -> dict[str, Any]:
         pairs = pd.read_parquet(ctx.inputs["dpo_pairs"] / "pairs.parquet")
         return run_dpo(pairs, ctx.inputs["model"] / "model", ctx.config, ctx.work_dir, ctx.checkpoint_dir,
-                       config_digest(ctx.config), mlflow_run)
+                       mlflow_run)
 
     return _trainer_stage(spec, "dpo", {"dpo_pairs": _dir(spec, "dpo_pairs"), "model": _dir(spec, "sft")}, train)
 
@@ -345,7 +345,7 @@ def grpo(spec: RunSpec) -> StageResult:
     def train(ctx: StageContext, mlflow_run) -> dict[str, Any]:
         rows = pd.read_parquet(ctx.inputs["rationales"] / "train.parquet")
         return run_grpo(rows, ctx.inputs["model"] / "model", ctx.config, ctx.work_dir, ctx.checkpoint_dir,
-                        config_digest(ctx.config), mlflow_run)
+                        mlflow_run)
 
     return _trainer_stage(spec, "grpo", {"rationales": _dir(spec, "rationales"), "model": _dir(spec, "dpo")}, train)
 

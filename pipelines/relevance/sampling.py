@@ -19,7 +19,6 @@ seam for a vLLM backend (gpu profile); it is not installed here.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import Counter
@@ -32,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipelines.relevance.model_card import read_model_card
 from pipelines.relevance.prompts import DEFAULT_STYLE, format_response, parse_label
 
 BACKENDS = ("hf", "vllm")
@@ -495,14 +495,6 @@ def build_dpo_pairs(samples: pd.DataFrame, train_rows: pd.DataFrame, style: str 
 
 
 # ------------------------------------------------------------------------------------------------ the stage
-
-
-def read_model_card(model_dir: str | Path) -> dict[str, Any]:
-    """The prompt settings a model was trained with (`searchrel.json` beside its weights); {} if absent."""
-    from pipelines.relevance.sft import MODEL_CARD
-
-    path = Path(model_dir) / MODEL_CARD
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def prompt_table(rows: pd.DataFrame, tokenizer, card: dict[str, Any], config: SampleConfig) -> pd.DataFrame:

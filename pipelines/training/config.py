@@ -1,0 +1,81 @@
+"""The settings every trainer shares (SFT, DPO, GRPO), named as TRL names them. Imports no ML library.
+
+Each algorithm's config inherits :class:`TrainingConfig` and adds its own fields, as TRL's `SFTConfig`,
+`DPOConfig` and `GRPOConfig` inherit `transformers.TrainingArguments`. Where a searchrel name differs from TRL's
+on purpose, the mapping is in `pipelines/training/__init__.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+# Fields that decide how often something is logged, saved or checked, or where and with how many processes the
+# work runs: changing them between a kill and the rerun must not throw the checkpoint away.
+NOT_RESULT_CHANGING = frozenset({
+    "logging_steps", "save_steps", "eval_steps", "max_failures", "cpus_per_worker", "memory_per_worker_gb",
+    "num_workers", "use_gpu", "max_val_examples",
+})
+
+
+@dataclass
+class LoraSettings:
+    """Optional LoRA adapters (peft); merged into the base weights when training ends."""
+
+    enabled: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
+    r: int = field(default=8, metadata={"help": "LoRA rank."})
+    alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata={"help": "Module names that get adapters."},
+    )
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation, DeepSpeed and Ray Train settings shared by the sft, dpo and grpo stages."""
+
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate (AdamW)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    lr_scheduler_type: Literal["linear", "cosine", "constant"] = field(
+        default="cosine", metadata={"help": "Decay after the linear warm-up: linear, cosine or constant."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Share of optimizer steps with linear warm-up."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Global gradient-norm clip (0 = off)."})
+    per_device_train_batch_size: int = field(
+        default=8, metadata={"help": "Examples per worker per forward pass (the micro-batch)."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    num_train_epochs: int = field(default=1, metadata={"help": "Passes over the training examples."})
+    max_steps: int = field(default=0, metadata={"help": "Stop after this many optimizer steps; 0 = epochs."})
+    save_steps: int = field(
+        default=50, metadata={"help": "Checkpoint every N steps, reported to Ray Train (0 = none until the end)."})
+    logging_steps: int = field(default=5, metadata={"help": "Log training metrics to MLflow every N steps."})
+    seed: int = field(default=0, metadata={"help": "Seed of the data order, dropout and sampling."})
+    bf16: bool = field(default=False, metadata={"help": "DeepSpeed bf16 mode (bf16 weights, fp32 master copy)."})
+    zero_stage: Literal[0, 1, 2, 3] = field(
+        default=2,
+        metadata={"help": "DeepSpeed ZeRO stage: 2 shards optimizer state and gradients, 3 the weights too (no "
+                  "rank then holds the whole model; the final save gathers it on rank 0 only)."})
+    deepspeed_config: str = field(default="", metadata={
+        "help": "A DeepSpeed JSON file (absolute, or relative to the repo) merged over the config built from these "
+                "fields, for tuning knobs they do not cover (bucket sizes, overlap, ZeRO-3 prefetch). Its batch "
+                "sizes, ZeRO stage and bf16 must agree with the fields; e.g. infra/deepspeed/zero3.json."})
+    num_workers: int = field(default=1, metadata={"help": "Ray Train workers (data-parallel ranks)."})
+    cpus_per_worker: int = field(default=2, metadata={"help": "CPUs per worker; also its torch thread count."})
+    use_gpu: bool = field(default=False, metadata={"help": "One GPU per worker (nccl); else gloo on CPUs."})
+    memory_per_worker_gb: float = field(
+        default=0.0, metadata={"help": "Memory Ray reserves per worker, in GiB (0 = no reservation)."})
+    max_failures: int = field(
+        default=2,
+        metadata={"help": "Times Ray Train restarts the worker group from the last checkpoint after a worker is "
+                  "lost, inside the same job (0 = fail the job at once; -1 = no limit)."})
+    lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA settings."})
+
+    def __post_init__(self) -> None:
+        if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError("per_device_train_batch_size and gradient_accumulation_steps must be at least 1")
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be at least 1, got {self.num_workers}")
+        if self.zero_stage == 3 and self.lora.enabled:
+            raise ValueError("LoRA with zero_stage 3 is not supported (merging needs whole weights on one rank); "
+                             "use zero_stage 2 with LoRA: the adapters are small")
