@@ -29,7 +29,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export DS_ACCELERATOR ?= $(if $(wildcard /dev/nvidia[0-9]*),cuda,cpu)
 export SEARCHREL_ROOT := $(ROOT)
 
-.PHONY: venv demo test test-fast lint bench ui clean airflow teacher-server
+.PHONY: venv demo test test-fast lint bench ui clean airflow teacher-server gpu-check
 
 venv: $(STAMP)
 
@@ -83,6 +83,11 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/prepare.py
+
+# The training runtime without Ray on one CUDA GPU (SFT, DPO, GRPO steps in bf16 with ZeRO-2) and first-token
+# scoring against decoding; a few minutes, not in CI. `--device cpu` checks the script on a CPU.
+gpu-check: $(STAMP)
+	PYTHONUNBUFFERED=1 $(PY) -m bench.gpu_check
 
 ui: $(STAMP)
 	$(VENV)/bin/searchrel ui

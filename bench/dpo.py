@@ -58,11 +58,12 @@ def bench_ours(model, tokenizer, prompts, chosen, rejected, args) -> dict:
         pair_batch,
         tokenize_pairs,
     )
-    from pipelines.relevance.sft import build_engine, epoch_batches
+    from pipelines.training.runtime import build_engine, deepspeed_config
+    from pipelines.training.sharding import epoch_batches
 
-    cfg = build_config(DPOConfig, "dpo", {"micro_batch_size": args.batch, "max_length": args.max_length,
+    cfg = build_config(DPOConfig, "dpo", {"per_device_train_batch_size": args.batch, "max_length": args.max_length,
                                           "learning_rate": args.lr, "zero_stage": args.zero_stage,
-                                          "beta": args.beta, "warmup_ratio": 0.0, "lr_schedule": "constant",
+                                          "beta": args.beta, "warmup_ratio": 0.0, "lr_scheduler_type": "constant",
                                           "reference_batch_size": 2 * args.batch})
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29534")
     deepspeed.init_distributed(dist_backend="gloo")
@@ -77,7 +78,7 @@ def bench_ours(model, tokenizer, prompts, chosen, rejected, args) -> dict:
     lengths = np.array([max(len(c), len(r)) for c, r in zip(pairs["chosen_ids"], pairs["rejected_ids"],
                                                               strict=True)])
     batches = epoch_batches(lengths, args.batch, cfg.seed, 0, cfg.bucket_window)
-    engine, _, _ = build_engine(model, cfg, args.warmup + args.steps, world=1)
+    engine, _, _ = build_engine(model, cfg, args.warmup + args.steps, deepspeed_config(cfg, 1))
     engine.train()
     tokens, start = 0, None
     for i, idx in enumerate(batches[: args.warmup + args.steps]):

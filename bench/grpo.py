@@ -31,63 +31,47 @@ from pipelines.env import apply_defaults
 
 
 def grpo_settings(args) -> dict:
-    return {"steps": args.warmup + args.steps, "group_size": args.group_size, "prompts_per_step": args.prompts,
+    return {"max_steps": args.warmup + args.steps, "group_size": args.group_size, "prompts_per_step": args.prompts,
             "generation_batch_size": args.prompts, "max_new_tokens": args.max_new_tokens,
-            "max_prompt_length": 4096, "temperature": 0.99, "top_k": 100, "micro_batch_size": args.micro_batch,
+            "max_prompt_length": 4096, "temperature": 0.99, "top_k": 100, "per_device_train_batch_size": args.micro_batch,
             "mini_batches": 1, "learning_rate": args.lr, "beta_kl": args.beta, "epsilon_low": 0.2,
             "epsilon_high": 0.28, "loss_type": "dapo", "advantage_scale": "group", "graded_reward": True,
-            "epsilon": -1.0, "max_refill_rounds": 0, "zero_stage": 2, "gradient_clipping": 1.0,
-            "cpus_per_worker": os.cpu_count(), "checkpoint_every": 0}
+            "reward_std_threshold": -1.0, "max_refill_rounds": 0, "zero_stage": 2, "max_grad_norm": 1.0,
+            "cpus_per_worker": os.cpu_count(), "save_steps": 0}
 
 
 def bench_ours(model_dir: Path, prompts: list[str], labels: list[int], args) -> dict:
-    import deepspeed
+    """searchrel's own step: `GRPOWorker.training_step`, the worker run in-process (world size 1)."""
     import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     import torch
 
-    from pipelines.config import build_config
-    from pipelines.relevance.grpo import (
-        GRPOConfig,
-        GRPOWorker,
-        PromptSampler,
-        add_logps,
-        plan_minibatches,
-        update_policy,
-    )
+    from pipelines.relevance.grpo import GRPOWorker
     from pipelines.relevance.models import load_model
     from pipelines.relevance.scoring import tokenize_prompts
-    from pipelines.relevance.sft import build_engine
 
-    c = build_config(GRPOConfig, "grpo", grpo_settings(args))
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29535")
-    deepspeed.init_distributed(dist_backend="gloo")
-    model, tokenizer = load_model(model_dir, "float32")
-    engine, scheduler, _ = build_engine(model, c, c.steps, world=1)
-    reference, _ = load_model(model_dir, "float32")
-    reference.eval().requires_grad_(False)
-
-    # The worker's state without its Ray Train set-up: the step below is GRPOWorker.fit's loop body.
-    w = GRPOWorker.__new__(GRPOWorker)
-    w.config, w.engine, w.reference, w.tokenizer, w.device = c, engine, reference, tokenizer, engine.device
-    w.rank, w.world, w.step, w.style = 0, 1, 0, "post_cot"
-    w.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    w.prompt_ids = tokenize_prompts(tokenizer, prompts, c.max_prompt_length)
-    w.gold = labels
-    w.sampler = PromptSampler(np.arange(len(prompts)), c.seed)
-    torch.manual_seed(0)
-    engine.train()
-    times, tokens = [], []
-    while w.step < c.steps:
-        t0 = time.perf_counter()
-        groups, metrics = w.generate_batch()
-        minis = plan_minibatches(groups, w.prompt_ids, c, 0, 1, w.pad_id)
-        add_logps(engine, reference, minis, c, w.device)
-        metrics |= update_policy(engine, minis, c, 1, w.device)
-        w.step += 1
-        if w.step > args.warmup:
-            times.append(time.perf_counter() - t0)
-            tokens.append(metrics["train/response_tokens"])
-    assert scheduler is not None
+    settings = grpo_settings(args)
+    _, tokenizer = load_model(model_dir, "float32")
+    with tempfile.TemporaryDirectory() as tmp:
+        table = pa.table({"prompt": prompts, "label": labels,
+                          "prompt_ids": tokenize_prompts(tokenizer, prompts, settings["max_prompt_length"])})
+        pq.write_table(table, Path(tmp) / "prompts.parquet")
+        w = GRPOWorker({"grpo": settings, "card": {"response_style": "post_cot"}, "pool": list(range(len(prompts))),
+                        "pool_stats": {}, "runtime": "local", "resume_key": "bench",
+                        "paths": {"start_model": str(model_dir), "prompts": str(Path(tmp) / "prompts.parquet"),
+                                  "output": tmp}})
+        w.prepare()
+        torch.manual_seed(0)
+        w.engine.train()
+        times, tokens = [], []
+        while w.step < w.total:
+            t0 = time.perf_counter()
+            metrics = w.training_step()
+            w.step += 1
+            if w.step > args.warmup:
+                times.append(time.perf_counter() - t0)
+                tokens.append(metrics["train/response_tokens"])
     return {"step_s": statistics.median(times), "completion_tokens": float(np.mean(tokens))}
 
 

@@ -48,43 +48,27 @@ def load_pairs(n: int):
     return rows
 
 
-def bench_ours(model, tokenizer, rows, args) -> dict:
-    import deepspeed
-    import numpy as np
-
+def bench_ours(rows, args) -> dict:
+    """searchrel's own training step: `SFTWorker` run in-process (world size 1) on the files `run_sft` writes."""
     from pipelines.config import build_config
-    from pipelines.relevance.sft import (
-        SFTConfig,
-        build_engine,
-        build_examples,
-        collate,
-        epoch_batches,
-        response_loss,
-    )
-    from pipelines.relevance.sft import tokenize_examples as tok_examples
+    from pipelines.relevance.sft import SFTConfig, SFTWorker, prepare_inputs
 
-    cfg = build_config(SFTConfig, "sft", {"micro_batch_size": args.batch, "max_length": args.max_length,
-                                          "learning_rate": args.lr, "zero_stage": args.zero_stage,
-                                          "bf16": args.bf16, "warmup_ratio": 0.0})
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
-    deepspeed.init_distributed(dist_backend="gloo")
-    table = tok_examples(build_examples(rows, tokenizer, cfg), tokenizer, cfg).to_pydict()
-    lengths = np.array([len(s) for s in table["input_ids"]])
-    batches = epoch_batches(lengths, args.batch, seed=0, epoch=0, window=cfg.bucket_window)
-    engine, _, _ = build_engine(model, cfg, args.warmup + args.steps, world=1)
-    engine.train()
-    tokens, start = 0, None
-    for i, idx in enumerate(batches[: args.warmup + args.steps]):
-        if i == args.warmup:
-            start, tokens = time.perf_counter(), 0
-        batch = collate([table["input_ids"][j] for j in idx], [table["response_start"][j] for j in idx],
-                        tokenizer.pad_token_id)
-        loss = response_loss(engine, batch)
-        engine.backward(loss)
-        engine.step()
-        tokens += int(batch["attention_mask"].sum())
-    seconds = time.perf_counter() - start
-    return {"tokens": tokens, "seconds": seconds}
+    cfg = build_config(SFTConfig, "sft", {"model": {"name": args.model}, "per_device_train_batch_size": args.batch,
+                                          "max_length": args.max_length, "learning_rate": args.lr,
+                                          "zero_stage": args.zero_stage, "bf16": args.bf16, "warmup_ratio": 0.0,
+                                          "max_steps": args.warmup + args.steps, "cpus_per_worker": os.cpu_count(),
+                                          "max_val_examples": 1})
+    with tempfile.TemporaryDirectory() as tmp:
+        loop_cfg = prepare_inputs(rows, rows.head(1), cfg, Path(tmp) / "work", Path(tmp) / "out")
+        worker = SFTWorker(loop_cfg | {"runtime": "local", "resume_key": "bench"})
+        worker.prepare()
+        worker.engine.train()
+        for step in range(args.warmup + args.steps):
+            if step == args.warmup:
+                start, tokens0 = time.perf_counter(), worker.tokens_seen
+            worker.training_step()
+            worker.step += 1
+        return {"tokens": worker.tokens_seen - tokens0, "seconds": time.perf_counter() - start}
 
 
 # What every TRL run of the benchmarks shares: CPU, no logging or saving, constant LR, counted input tokens.
@@ -147,6 +131,9 @@ def main() -> None:
     parser.add_argument("--zero-stage", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="bf16 for both (DeepSpeed bf16 / TRL bf16=True)")
     parser.add_argument("--pairs", type=int, default=512)
+    parser.add_argument("--scaling", action="store_true",
+                        help="also train through Ray Train: 2 workers of 1 CPU against 1 worker of 2 CPUs, same "
+                             "global batch")
     args = parser.parse_args()
     apply_defaults()
     import torch
@@ -162,7 +149,7 @@ def main() -> None:
         tokenizer.pad_token = tokenizer.eos_token
     n_params = sum(p.numel() for p in base.parameters())
     results = {
-        "searchrel (DeepSpeed)": bench_ours(copy.deepcopy(base), tokenizer, rows, args),
+        "searchrel (DeepSpeed)": bench_ours(rows, args),
         "TRL SFTTrainer, defaults": bench_trl(copy.deepcopy(base), tokenizer, rows, args, None),
         "TRL SFTTrainer, no act. ckpt": bench_trl(copy.deepcopy(base), tokenizer, rows, args, False),
     }
@@ -180,7 +167,34 @@ def main() -> None:
         flops = 6 * n_params * tps
         print(f"{name:<30} {tps:>10,.0f} {tps / trl_tps:>14.2f}x {flops / peaks['fp32']:>9.1%} "
               f"{flops / peaks['bf16']:>9.1%}")
-    print(f"searchrel / TRL default: {ours_tps / trl_tps:.2f}x (target >= 1.5x)")
+    print(f"searchrel / TRL default: {ours_tps / trl_tps:.2f}x (target >= 1.5x)", flush=True)
+    if args.scaling:
+        bench_scaling(rows, args)
+
+
+def bench_scaling(rows, args) -> None:
+    """Tokens/s of `run_sft` on Ray Train: 1 worker x 2 CPUs against 2 workers x 1 CPU, global batch `--batch`."""
+    from pipelines.config import build_config
+    from pipelines.raycluster import ensure_ray
+    from pipelines.relevance.sft import SFTConfig, run_sft
+
+    ensure_ray(num_cpus=2)
+    shared = {"model": {"name": args.model}, "max_length": args.max_length, "learning_rate": args.lr,
+              "zero_stage": args.zero_stage, "bf16": args.bf16, "warmup_ratio": 0.0, "max_val_examples": 1,
+              "max_steps": args.warmup + args.steps, "save_steps": 0, "eval_steps": 0}
+    layouts = {"1 worker x 2 CPUs": {"num_workers": 1, "cpus_per_worker": 2, "per_device_train_batch_size": args.batch},
+               "2 workers x 1 CPU": {"num_workers": 2, "cpus_per_worker": 1,
+                                     "per_device_train_batch_size": args.batch // 2}}
+    speed = {}
+    for name, layout in layouts.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "out"
+            out.mkdir()
+            summary = run_sft(rows, rows.head(1), build_config(SFTConfig, "sft", shared | layout), out,
+                              Path(tmp) / "ckpt")
+        speed[name] = summary["tokens_per_s"]
+        print(f"{name:<30} {speed[name]:>10,.0f} tokens/s (Ray Train, {shared['max_steps']} steps)", flush=True)
+    print(f"2 workers x 1 CPU / 1 worker x 2 CPUs: {speed['2 workers x 1 CPU'] / speed['1 worker x 2 CPUs']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -114,3 +114,68 @@ def kill_session(sid: int, timeout: float = 30.0) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"processes of session {sid} survived SIGKILL for {timeout} s")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def two_node_cluster(tmp_path_factory):
+    """A real two-node Ray cluster on this machine: `ray start --head` plus a second `ray start --address=...`
+    node, one CPU each, as separate processes (in a session of their own, killed at the end)."""
+    import shutil
+    import sys
+
+    import ray
+
+    ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent))
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    common = ["--num-cpus=1", "--block", "--disable-usage-stats"]
+    head = subprocess.Popen([ray_cli, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                             "--include-dashboard=false", *common], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    node = None
+    try:
+        deadline = time.time() + 120
+        while node is None and time.time() < deadline:
+            probe = subprocess.run([ray_cli, "status", f"--address={address}"], capture_output=True, text=True)
+            if probe.returncode == 0:
+                node = subprocess.Popen([ray_cli, "start", f"--address={address}", "--node-ip-address=127.0.0.1",
+                                         *common], start_new_session=True, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+            else:
+                time.sleep(1)
+        assert node is not None, "the Ray head did not come up in 120 s"
+        if ray.is_initialized():
+            ray.shutdown()
+        ray.init(address=address)
+        while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.time() < deadline:
+            time.sleep(0.5)
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2, "the second Ray node did not join"
+        ray.shutdown()
+        yield address
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        for proc in (node, head):
+            if proc is not None:
+                kill_session(proc.pid)
+
+
+@pytest.fixture()
+def on_two_nodes(two_node_cluster):
+    """This test's driver is connected to the two-node cluster; disconnected afterwards, so later tests start
+    their own local Ray again."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address=two_node_cluster)
+    yield two_node_cluster
+    ray.shutdown()

@@ -302,3 +302,17 @@ def test_forked_process_reports_the_exit_status_and_never_waits_for_a_lost_child
         os._exit(0)
     os.waitpid(pid, 0)  # reaped by someone else: the status is gone
     assert local_job.ForkedProcess(pid).wait() == 1
+
+
+def test_the_entrypoint_reserves_what_the_profile_or_the_operator_asks():
+    from operators.operators.ray_job import RayJobOperator
+
+    def request(stage, profile, **kw):
+        return RayJobOperator(task_id=stage, stage=stage, pipeline="taosr1", profile=profile, **kw)\
+            .entrypoint_request()
+
+    assert request("evaluate", "gpu") == {"num_gpus": 1, "memory": 16 * 2**30}
+    assert request("sft", "gpu") == {}  # the training workers ask for their GPUs through Ray Train
+    assert request("evaluate", "tiny") == {}
+    assert request("evaluate", "gpu", entrypoint_num_gpus=2, entrypoint_resources={"a100": 1}) == \
+        {"num_gpus": 2, "memory": 16 * 2**30, "resources": {"a100": 1}}

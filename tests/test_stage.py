@@ -118,3 +118,19 @@ def test_failing_stage_leaves_nothing(tmp_path):
         run_stage(root=tmp_path, pipeline="p", run_key="r", stage="s", config={}, inputs={}, body=body,
                   tracking=False)
     assert list((tmp_path / "p" / "r").iterdir()) == []
+
+
+def test_force_clears_the_stage_checkpoints_and_a_plain_rerun_keeps_them(tmp_path):
+    kept = tmp_path / "root" / "p" / "k" / ".checkpoints" / "s" / "ray" / "s" / "step0000002"
+    seen = {}
+
+    def body(ctx):
+        seen["had_checkpoint"] = kept.exists()
+        raise RuntimeError("killed")  # a stage that dies keeps its checkpoints for the next run
+
+    for force in (False, True):
+        kept.mkdir(parents=True, exist_ok=True)
+        with pytest.raises(RuntimeError):
+            run_stage(root=tmp_path / "root", pipeline="p", run_key="k", stage="s", config={"a": 1}, inputs={},
+                      body=body, force=force, tracking=False)
+        assert seen["had_checkpoint"] is (not force)

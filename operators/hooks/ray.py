@@ -112,8 +112,13 @@ class RayHook(BaseHook):
             return f"local job {submission_id} (log: {self.job_dir(submission_id) / 'job.log'})"
         return f"Ray job {submission_id} on {self.target.address}"
 
-    def submit(self, submission_id: str, module: str, args: list[str], env: dict[str, str] | None = None) -> bool:
-        """Start `python -m module args...` under `submission_id`; False if a job of that id already exists."""
+    def submit(self, submission_id: str, module: str, args: list[str], env: dict[str, str] | None = None,
+               resources: dict[str, Any] | None = None) -> bool:
+        """Start `python -m module args...` under `submission_id`; False if a job of that id already exists.
+
+        `resources` is what the entrypoint (the stage's driver) reserves on a cluster: `num_cpus`, `num_gpus`,
+        `memory` (bytes) and `resources` (custom ones), Ray's `entrypoint_*` arguments. Local jobs run on this
+        machine as they are and ignore it."""
         env = {k: str(v) for k, v in (env or {}).items()}
         if self.target.is_local:
             return local_job.submit(self.job_dir(submission_id), [sys.executable, "-m", module, *args], env,
@@ -122,9 +127,12 @@ class RayHook(BaseHook):
         runtime_env = dict(self.target.extra.get("runtime_env") or {})
         runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
         try:
+            wanted = {"num_cpus": self.target.extra.get("entrypoint_num_cpus")} | dict(resources or {})
             self.client.submit_job(entrypoint=shlex.join([python, "-m", module, *args]), submission_id=submission_id,
-                                   runtime_env=runtime_env,
-                                   entrypoint_num_cpus=self.target.extra.get("entrypoint_num_cpus"))
+                                   runtime_env=runtime_env, entrypoint_num_cpus=wanted.get("num_cpus"),
+                                   entrypoint_num_gpus=wanted.get("num_gpus"),
+                                   entrypoint_memory=wanted.get("memory"),
+                                   entrypoint_resources=wanted.get("resources"))
         except RuntimeError as err:
             if self.get_status(submission_id) is not None:  # submitted concurrently or by an earlier try
                 return False

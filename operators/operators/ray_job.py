@@ -99,7 +99,9 @@ class RayJobOperator(BaseOperator):
     def __init__(self, *, stage: str, pipeline: str, run_key: str = RUN_KEY_TEMPLATE, dataset: str | None = None,
                  path: str | None = None, profile: str = "tiny", overrides: Any = (), skip_stages: Any = (),
                  until: str | None = None, extra_args: Any = (), root: str | None = None,
-                 env: dict[str, str] | None = None, ray_conn_id: str = "ray_default", deferrable: bool = True,
+                 env: dict[str, str] | None = None, entrypoint_num_gpus: float | None = None,
+                 entrypoint_memory: int | None = None, entrypoint_resources: dict[str, float] | None = None,
+                 ray_conn_id: str = "ray_default", deferrable: bool = True,
                  poll_interval: float | None = None, skip_exit_code: int = SKIP_EXIT_CODE, **kwargs) -> None:
         super().__init__(**kwargs)
         if not re.fullmatch(r"[a-z][a-z0-9_]*", stage):
@@ -116,6 +118,9 @@ class RayJobOperator(BaseOperator):
         self.extra_args = extra_args
         self.root = root
         self.env = env
+        self.entrypoint_num_gpus = entrypoint_num_gpus
+        self.entrypoint_memory = entrypoint_memory
+        self.entrypoint_resources = entrypoint_resources
         self.ray_conn_id = ray_conn_id
         self.deferrable = deferrable
         self.poll_interval = poll_interval
@@ -152,6 +157,21 @@ class RayJobOperator(BaseOperator):
         env = {k: os.environ[k] for k in ("SEARCHREL_ROOT", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
                if os.environ.get(k)}
         return {**env, **{k: str(v) for k, v in (self.env or {}).items()}}
+
+    def entrypoint_request(self) -> dict[str, Any]:
+        """What the stage's driver reserves on a cluster: the operator's own `entrypoint_*` arguments, else the
+        profile's `<pipeline>.entrypoint.<stage>` section (`num_gpus`, `memory_gb`, `resources`): driver-side
+        scoring (evaluate, promote, DPO's reference log-probs) runs on a GPU when it gets one."""
+        from pipelines.config import load_profile
+
+        section = ((load_profile(str(self.profile)).get(str(self.pipeline)) or {}).get("entrypoint") or {})
+        wanted = dict(section.get(self.stage) or {})
+        request = {"num_gpus": wanted.get("num_gpus"), "resources": wanted.get("resources"),
+                   "memory": int(wanted["memory_gb"] * 2**30) if wanted.get("memory_gb") else None}
+        explicit = {"num_gpus": self.entrypoint_num_gpus, "memory": self.entrypoint_memory,
+                    "resources": self.entrypoint_resources}
+        return {k: v for k, v in (request | {k: v for k, v in explicit.items() if v is not None}).items()
+                if v is not None}
 
     def skip_reason(self) -> str | None:
         skip = set(_as_list(self.skip_stages, "skip_stages"))
@@ -193,7 +213,8 @@ class RayJobOperator(BaseOperator):
         self._submission_id = sid
         ti.xcom_push(key="submission_id", value=sid)
         if status is None:
-            started = hook.submit(sid, self.module, self.job_args(run_key), self.job_env())
+            started = hook.submit(sid, self.module, self.job_args(run_key), self.job_env(),
+                                  self.entrypoint_request())
             state = "submitted" if started else "found (submitted concurrently)"
             self.log.info("%s %s: python -m %s %s", hook.describe(sid), state, self.module,
                           " ".join(self.job_args(run_key)))

@@ -310,6 +310,41 @@ def save_initial_model(model, tokenizer, folder: Path) -> None:
     os.replace(tmp, folder)
 
 
+def prepare_inputs(train_rows: pd.DataFrame, val_rows: pd.DataFrame, config: SFTConfig, work_dir: Path,
+                   out_dir: Path, mlflow_run: dict[str, str] | None = None) -> dict[str, Any]:
+    """Write what the workers read into `work_dir` (the initial model and tokenizer, the tokenized training
+    pairs, the validation prompts) and return the workers' `cfg` (without its resume key and runtime)."""
+    from pipelines.relevance.models import label_token_ids, load_model_and_tokenizer
+    from pipelines.relevance.prompts import build_prompt
+
+    work_dir = Path(work_dir).resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    if config.max_train_examples and len(train_rows) > config.max_train_examples:
+        train_rows = train_rows.sample(n=config.max_train_examples, random_state=config.seed)
+    if config.max_val_examples and len(val_rows) > config.max_val_examples:
+        val_rows = val_rows.sample(n=config.max_val_examples, random_state=config.seed)
+
+    init = work_dir / "init"
+    texts = list(train_rows["query"]) + list(train_rows["title"]) + list(train_rows.get("rationale", []))
+    model, tokenizer = load_model_and_tokenizer(config.model, texts)
+    label_ids = label_token_ids(tokenizer, build_prompt(tokenizer, "q", "t", "d"))  # fails early on a bad tokenizer
+    save_initial_model(model, tokenizer, init)
+    del model
+
+    train_path, val_path = work_dir / "train_tokens.parquet", work_dir / "val_prompts.parquet"
+    pq.write_table(tokenize_examples(build_examples(train_rows, tokenizer, config), tokenizer, config), train_path)
+    val_examples = build_examples(val_rows, tokenizer, config)
+    pq.write_table(pa.Table.from_pandas(val_examples[["prompt", "label"]], preserve_index=False), val_path)
+    return {
+        "sft": asdict(config),
+        "label_ids": {str(k): v for k, v in label_ids.items()},
+        "mlflow": mlflow_run,
+        "train_examples": len(train_rows),
+        "paths": {"init": str(init), "train": str(train_path), "val": str(val_path),
+                  "output": str(Path(out_dir).resolve())},
+    }
+
+
 def run_sft(
     train_rows: pd.DataFrame,
     val_rows: pd.DataFrame,
@@ -321,40 +356,15 @@ def run_sft(
     """Fine-tune on `train_rows` (with rationales) and write `out_dir/model`; returns the training summary.
     A killed run resumes from its last checkpoint in `checkpoint_dir` when the data, the initial model and
     the result-changing settings are unchanged; otherwise it starts fresh and says why."""
-    from pipelines.relevance.models import label_token_ids, load_model_and_tokenizer
-    from pipelines.relevance.prompts import build_prompt
-
-    checkpoint_dir = Path(checkpoint_dir).resolve()
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    if config.max_train_examples and len(train_rows) > config.max_train_examples:
-        train_rows = train_rows.sample(n=config.max_train_examples, random_state=config.seed)
-    if config.max_val_examples and len(val_rows) > config.max_val_examples:
-        val_rows = val_rows.sample(n=config.max_val_examples, random_state=config.seed)
-
-    init = checkpoint_dir / "init"
-    texts = list(train_rows["query"]) + list(train_rows["title"]) + list(train_rows.get("rationale", []))
-    model, tokenizer = load_model_and_tokenizer(config.model, texts)
-    example_prompt = build_prompt(tokenizer, "q", "t", "d")
-    label_ids = label_token_ids(tokenizer, example_prompt)  # fails early and clearly on a bad tokenizer
-    save_initial_model(model, tokenizer, init)
-    del model
-
-    train_path, val_path = checkpoint_dir / "train_tokens.parquet", checkpoint_dir / "val_prompts.parquet"
-    pq.write_table(tokenize_examples(build_examples(train_rows, tokenizer, config), tokenizer, config), train_path)
-    val_examples = build_examples(val_rows, tokenizer, config)
-    pq.write_table(pa.Table.from_pandas(val_examples[["prompt", "label"]], preserve_index=False), val_path)
-
-    out_dir = Path(out_dir).resolve()
-    loop_cfg = {
-        "sft": asdict(config),
-        "label_ids": {str(k): v for k, v in label_ids.items()},
-        "mlflow": mlflow_run,
-        "paths": {"init": str(init), "train": str(train_path), "val": str(val_path), "output": str(out_dir)},
-    }
-    run_training(train_loop, loop_cfg, config, checkpoint_dir, "sft", inputs={"data": train_path, "model": init})
+    loop_cfg = prepare_inputs(train_rows, val_rows, config, checkpoint_dir, out_dir, mlflow_run)
+    paths = {k: Path(v) for k, v in loop_cfg["paths"].items()}
+    run_training(train_loop, loop_cfg, config, checkpoint_dir, "sft",
+                 inputs={"data": paths["train"], "model": paths["init"]})
+    out_dir = paths["output"]
+    label_ids = {int(k): v for k, v in loop_cfg["label_ids"].items()}
     (out_dir / "label_ids.json").write_text(json.dumps(loop_cfg["label_ids"]))
     (out_dir / "model" / MODEL_CARD).write_text(json.dumps(prompt_settings(config) | {"label_ids": label_ids}))
     summary = json.loads((out_dir / "train_summary.json").read_text())
     summary["label_ids"] = loop_cfg["label_ids"]
-    summary["train_examples"] = len(train_rows)
+    summary["train_examples"] = loop_cfg["train_examples"]
     return summary

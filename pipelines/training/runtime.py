@@ -272,11 +272,7 @@ class TrainingWorker:
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> None:
-        model = self.setup()
-        self.total = self.total_steps()
-        self.engine, self.scheduler, self.params = build_engine(model, self.config, self.scheduler_steps(),
-                                                                   self.ds_config)
-        self.device = self.engine.device
+        self.prepare()
         self.resume()
         eval_steps = getattr(self.config, "eval_steps", 0)
         progress = self._progress()
@@ -302,6 +298,17 @@ class TrainingWorker:
         self.tracker.close()
 
     # ------------------------------------------------------------------ the parts
+
+    def prepare(self) -> None:
+        """Data, model and engine: everything before the first step (benchmarks call it, then `training_step`)."""
+        model = self.setup()
+        # Under ZeRO-3 the loaded parameters are empty placeholders (`ds_numel` is their real size).
+        self.param_elements = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        self.elements_materialised_at_load = sum(p.numel() for p in model.parameters())
+        self.total = self.total_steps()
+        self.engine, self.scheduler, self.params = build_engine(model, self.config, self.scheduler_steps(),
+                                                                self.ds_config)
+        self.device = self.engine.device
 
     def load_pretrained(self, model_dir: Path):
         """(model, tokenizer) from a local folder, in fp32 (DeepSpeed's bf16 mode casts), with LoRA adapters.
@@ -406,7 +413,9 @@ class TrainingWorker:
         summary = {"total_steps": self.total, "resumed_from_step": self.resumed_from, "world_size": self.world,
                    "final_train_loss": last.get("train/loss"),
                    "step_seconds": float(np.mean(step_s)) if step_s else None,
-                   "trainable_params": sum(p.numel() for p in self.params)} | self.summary()
+                   "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in self.params),
+                   "param_elements": self.param_elements,
+                   "param_elements_materialised_at_load": self.elements_materialised_at_load} | self.summary()
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         try:
             import pyarrow as pa  # optional: the in-process GPU check runs without pyarrow
