@@ -129,7 +129,7 @@ def test_stored_reference_logps_equal_a_fresh_computation(sft_model, tmp_path):
     model_dir, rows = sft_model
     pairs = _pairs(model_dir, rows)
     path = tmp_path / "pairs.parquet"
-    first = prepare_pairs(pairs, model_dir, DPOConfig(reference_batch_size=3), path, "d1")
+    first = prepare_pairs(pairs, model_dir, DPOConfig(reference_batch_size=3), path)
     assert not first["reused"]
     stored = pq.read_table(path).to_pydict()
     model, _ = load_model(model_dir, "float32")
@@ -138,8 +138,28 @@ def test_stored_reference_logps_equal_a_fresh_computation(sft_model, tmp_path):
         for side in ("chosen", "rejected"):
             fresh = _fresh_logps(model, stored[f"{side}_ids"][i], stored[f"{side}_start"][i])
             assert stored[f"ref_{side}_logps"][i] == pytest.approx(fresh, abs=1e-4)
-    assert prepare_pairs(pairs, model_dir, DPOConfig(), path, "d1")["reused"]  # same config: not recomputed
-    assert not prepare_pairs(pairs, model_dir, DPOConfig(), path, "d2")["reused"]
+    # the same pairs, SFT model and sequence settings: not recomputed (the batch size changes no value)
+    assert prepare_pairs(pairs, model_dir, DPOConfig(), path)["reused"]
+    assert not prepare_pairs(pairs, model_dir, DPOConfig(max_length=100), path)["reused"]
+    assert not prepare_pairs(pairs.iloc[::-1], model_dir, DPOConfig(max_length=100), path)["reused"]
+
+
+def test_stored_reference_logps_are_recomputed_when_the_sft_model_changes(sft_model, tmp_path):
+    import shutil
+
+    model_dir, rows = sft_model
+    pairs = _pairs(model_dir, rows, n=4)
+    path = tmp_path / "pairs.parquet"
+    assert not prepare_pairs(pairs, model_dir, DPOConfig(), path)["reused"]
+    changed = tmp_path / "sft2"
+    shutil.copytree(model_dir, changed)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(changed / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + 0.01
+    save_file(weights, changed / "model.safetensors", metadata={"format": "pt"})
+    assert not prepare_pairs(pairs, changed, DPOConfig(), path)["reused"]  # a retrained SFT model
 
 
 def test_pair_tokens_start_the_response_with_the_label(sft_model):
@@ -440,3 +460,34 @@ def test_grpo_resumes_after_sigkill_where_it_stopped(sft_model, tmp_path, ray_lo
                                                                     expected["sampler/position"])
         assert row["rollout/reward_mean"] == pytest.approx(expected["rollout/reward_mean"])
         assert row["train/loss"] == pytest.approx(expected["train/loss"], abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------- two workers, two nodes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_dpo_trains_on_two_workers_of_two_nodes(sft_model, tmp_path, on_two_nodes, zero_stage):
+    model_dir, rows = sft_model
+    pairs = _pairs(model_dir, rows, n=9)  # not a multiple of 2 pairs x 2 workers: the last batch is padded
+    cfg = build_config(DPOConfig, "dpo", {"per_device_train_batch_size": 2, "learning_rate": 2e-3,
+                                          "warmup_ratio": 0.0, "logging_steps": 1, "save_steps": 0,
+                                          "num_workers": 2, "cpus_per_worker": 1, "max_length": 128,
+                                          "zero_stage": zero_stage})
+    summary = run_dpo(pairs, model_dir, cfg, tmp_path / "out", tmp_path / "ckpt")
+    assert summary["world_size"] == 2 and summary["total_steps"] == 3  # ceil(9 / 4)
+    history = pd.read_parquet(tmp_path / "out" / "history.parquet")
+    assert np.isfinite(history["train/loss"]).all()
+    assert summary["final_reward_margin"] > summary["first_reward_margin"]
+    assert (tmp_path / "out" / "model" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_grpo_trains_on_two_workers_of_two_nodes(sft_model, tmp_path, on_two_nodes):
+    model_dir, rows = sft_model
+    cfg = build_config(GRPOConfig, "grpo", GRPO_SMALL | {"max_steps": 2, "num_workers": 2,
+                                                         "prompts_per_step": 3})  # 12 sequences over 2 ranks
+    summary = run_grpo(rows, model_dir, cfg, tmp_path / "out", tmp_path / "ckpt")
+    assert summary["world_size"] == 2 and summary["total_steps"] == 2 and summary["skipped_steps"] == 0
+    history = pd.read_parquet(tmp_path / "out" / "history.parquet")
+    assert np.isfinite(history["train/loss"]).all() and (history["train/optimizer_steps"] == 2).all()

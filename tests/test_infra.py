@@ -318,7 +318,8 @@ def _subset(small, big, where="") -> list[str]:
 @pytest.mark.parametrize("stage,name", [(3, "zero3.json"), (2, "zero2.json")])
 def test_deepspeed_files_agree_with_the_gpu_profile(stage, name):
     """What sft.deepspeed_config builds from the gpu profile at its world size is in the file, unchanged."""
-    from pipelines.relevance.sft import SFTConfig, deepspeed_config
+    from pipelines.relevance.sft import SFTConfig
+    from pipelines.training.runtime import deepspeed_config
 
     sft = load_stage_config(SFTConfig, "taosr1", "sft", "gpu",
                             [f"sft.zero_stage={stage}", f"sft.deepspeed_config=infra/deepspeed/{name}"])
@@ -330,7 +331,8 @@ def test_deepspeed_files_agree_with_the_gpu_profile(stage, name):
 
 
 def test_a_deepspeed_file_that_contradicts_the_profile_is_refused():
-    from pipelines.relevance.sft import SFTConfig, deepspeed_config
+    from pipelines.relevance.sft import SFTConfig
+    from pipelines.training.runtime import deepspeed_config
 
     sft = load_stage_config(SFTConfig, "taosr1", "sft", "gpu", ["sft.zero_stage=2"])  # file says ZeRO-3
     with pytest.raises(ValueError, match=r"zero3.json disagrees .*zero_optimization.stage: file 3 vs config 2"):
