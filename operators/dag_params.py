@@ -51,7 +51,7 @@ def pipeline_params(*, stages: list[str], datasets: dict[str, str], default_data
         "overrides": Param([], type="array", items={"type": "string", "pattern": OVERRIDE_PATTERN},
                            title="Config overrides",
                            description="stage.field=value settings on top of the profile, one per entry (the "
-                                       "CLI's --set), e.g. sft.epochs=1 or prepare.max_queries=30. An unknown "
+                                       "CLI's --set), e.g. sft.num_train_epochs=1 or prepare.max_queries=30. An unknown "
                                        "stage or field fails the stage with its name."),
         "run_key": Param(None, type=["null", "string"], pattern=RUN_KEY_PATTERN, title="Run key",
                          description="Empty: the Airflow run id (made path-safe) names the run's output folder "

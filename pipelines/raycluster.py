@@ -17,7 +17,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
         # No dashboard: it needs ray[default], and the local default must not open ports beyond loopback.
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True,
+        # address="local": always a new local Ray, never one a `ray start` left behind on this machine.
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True,
                  configure_logging=True, logging_level="WARNING",
                  runtime_env={"worker_process_setup_hook": "pipelines.raycluster.quiet_worker_logs"})
 

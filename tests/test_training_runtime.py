@@ -106,7 +106,8 @@ _UNINTERRUPTED: dict[str, dict] = {}
 def _two_worker_reference(judgments, tmp_path_factory) -> dict:
     """The 2-worker run the kill test compares with (trained once per module)."""
     if "two" not in _UNINTERRUPTED:
-        summary, out = _sft(judgments, tmp_path_factory.mktemp("two"), max_steps=8, save_steps=2)
+        summary, out = _sft(judgments, tmp_path_factory.mktemp("two"), max_steps=8, save_steps=2,
+                            max_train_examples=48)
         _UNINTERRUPTED["two"] = {"summary": summary, "history": pd.read_parquet(out / "history.parquet")}
     return _UNINTERRUPTED["two"]
 
@@ -115,8 +116,10 @@ def _two_worker_reference(judgments, tmp_path_factory) -> dict:
 def test_one_and_two_workers_with_the_same_global_batch_give_the_same_loss_curve(
         judgments, tmp_path, tmp_path_factory, on_two_nodes):
     # the loss is normalised by the token count of the whole global batch, so the averaged gradients of two
-    # ranks equal one rank's; only the all-reduce's summation order differs
-    one, out_one = _sft(judgments, tmp_path, max_steps=8, num_workers=1, per_device_train_batch_size=8)
+    # ranks equal one rank's; only the all-reduce's summation order differs. 48 pairs: every batch is full on
+    # both (with 45, one worker's short batch of 5 would be two workers' padded batch of 6)
+    one, out_one = _sft(judgments, tmp_path, max_steps=8, num_workers=1, per_device_train_batch_size=8,
+                        max_train_examples=48)
     two = _two_worker_reference(judgments, tmp_path_factory)
     curve_one = pd.read_parquet(out_one / "history.parquet")["train/loss"].to_numpy()
     curve_two = two["history"]["train/loss"].to_numpy()
@@ -155,7 +158,7 @@ def test_a_lost_worker_is_restarted_by_ray_train_and_the_run_ends_as_if_uninterr
 
     watcher = threading.Thread(target=kill_one_worker_after_the_first_checkpoint, daemon=True)
     watcher.start()
-    summary, out = _sft(judgments, tmp_path, max_steps=8, save_steps=2)  # no retry from outside: one call
+    summary, out = _sft(judgments, tmp_path, max_steps=8, save_steps=2, max_train_examples=48)  # one call
     watcher.join(timeout=5)
     assert killed, "no worker was killed"
     assert summary["resumed_from_step"] >= 2  # Ray Train restarted the group from a checkpoint

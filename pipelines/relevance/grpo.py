@@ -247,13 +247,14 @@ def score_responses(texts: Sequence[str], gold: int, style: str, graded: bool, f
     return rewards, correct, valid
 
 
-def keep_groups(groups: Sequence[Group], group_size: int, graded: bool, gamma: int, epsilon: float) -> np.ndarray:
+def keep_groups(groups: Sequence[Group], group_size: int, graded: bool, gamma: int,
+                reward_std_threshold: float) -> np.ndarray:
     """Difficulty filter per group (`losses.keep_by_correct_count` / `keep_by_reward_std`)."""
     if not groups:
         return np.zeros(0, dtype=bool)
     if graded:
         rewards = torch.tensor(np.concatenate([g.rewards for g in groups]))
-        return keep_by_reward_std(rewards, group_size, epsilon).numpy()
+        return keep_by_reward_std(rewards, group_size, reward_std_threshold).numpy()
     counts = torch.tensor([int(g.correct.sum()) for g in groups])
     return keep_by_correct_count(counts, group_size, gamma or None).numpy()
 

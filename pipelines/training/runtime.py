@@ -219,10 +219,14 @@ class TrainingWorker:
         self.paths = {k: Path(v) for k, v in cfg["paths"].items()}
         self.in_ray = cfg.get("runtime", "ray") == "ray"
         if self.in_ray:
+            import deepspeed
             import ray.train
 
             ctx = ray.train.get_context()
             self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+            # DeepSpeed adopts the process group Ray Train set up; its config checks (ZeRO-3's zero.Init while
+            # the model loads, before the engine exists) need the world size from it.
+            deepspeed.init_distributed(dist_backend="nccl" if config.use_gpu else "gloo")
         else:
             _init_local_process_group()
             self.rank, self.world = 0, 1
