@@ -57,8 +57,8 @@ def timed_steps(worker, steps: int, name: str) -> None:
         worker.step += 1
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        loss = metrics.get("train/loss", float("nan"))
-        line(f"{name:<5} step {step + 1}/{steps}  loss {loss:8.4f}  {time.perf_counter() - t0:6.3f} s  "
+        loss = f"{metrics['train/loss']:8.4f}" if "train/loss" in metrics else "skipped (no group passed the filter)"
+        line(f"{name:<5} step {step + 1}/{steps}  loss {loss}  {time.perf_counter() - t0:6.3f} s  "
              f"device {worker.device}  dtype {next(worker.engine.module.parameters()).dtype}")
 
 

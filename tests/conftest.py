@@ -35,6 +35,19 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def judgments(shared_data, tmp_path_factory):
+    """(train, val) of 40 CrowdFlower queries, with a one-line rationale per pair: SFT's input in small."""
+    from pipelines.data.relevance import PrepareConfig, prepare_relevance, read_split
+
+    out = tmp_path_factory.mktemp("prepared")
+    prepare_relevance("crowdflower", shared_data / "crowdflower_search_relevance", out,
+                      PrepareConfig(engine="pandas", max_queries=40))
+    train, val = read_split(out, "train"), read_split(out, "val")
+    train["rationale"] = "1. Query understanding: the query asks for " + train["query"] + "."
+    return train, val
+
+
 @pytest.fixture()
 def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh artifact root (and with it a fresh SQLite MLflow store) per test."""
@@ -61,6 +74,23 @@ def ray_local():
     import ray
 
     ray.shutdown()
+
+
+# A job that runs `run_sft` to the end and prints its summary as JSON: argv = train.parquet, val.parquet,
+# settings (JSON), output folder, checkpoint folder. Tests SIGKILL it mid-training and run it again.
+SFT_JOB = """
+import json, sys
+from pathlib import Path
+import pandas as pd
+from pipelines.env import apply_defaults
+apply_defaults()
+from pipelines.config import build_config
+from pipelines.relevance.sft import SFTConfig, run_sft
+train = pd.read_parquet(sys.argv[1]); val = pd.read_parquet(sys.argv[2])
+cfg = build_config(SFTConfig, "sft", json.loads(sys.argv[3]))
+out = Path(sys.argv[4]); out.mkdir(exist_ok=True)
+print(json.dumps(run_sft(train, val, cfg, out, Path(sys.argv[5]))))
+"""
 
 
 def kill_and_rerun(args: list[str], checkpoint_dir: Path, name: str, kill_at_step: int, final_output: Path,

@@ -2,16 +2,14 @@
 
 import json
 import sys
-import textwrap
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import kill_and_rerun
+from conftest import SFT_JOB, kill_and_rerun
 
 from pipelines.config import build_config
-from pipelines.data.relevance import PrepareConfig, prepare_relevance, read_split
 from pipelines.relevance.sft import SFTConfig, run_sft, tokenize_examples
 from pipelines.training.sharding import epoch_batches
 
@@ -19,18 +17,8 @@ SMALL = {"max_train_examples": 96, "max_val_examples": 32, "per_device_train_bat
          "learning_rate": 2e-3, "eval_steps": 0, "save_steps": 0, "logging_steps": 4, "max_length": 256}
 
 
-@pytest.fixture(scope="module")
-def judgments(shared_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("prepared")
-    prepare_relevance("crowdflower", shared_data / "crowdflower_search_relevance", out,
-                      PrepareConfig(engine="pandas", max_queries=40))
-    train, val = read_split(out, "train"), read_split(out, "val")
-    train["rationale"] = "1. Query understanding: the query asks for " + train["query"] + "."
-    return out, train, val
-
-
 def _sft(judgments, tmp_path, **overrides):
-    _, train, val = judgments
+    train, val = judgments
     cfg = build_config(SFTConfig, "sft", SMALL | overrides)
     out = tmp_path / "out"
     out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +65,7 @@ def test_loss_is_on_response_tokens_only(judgments):
     from pipelines.relevance.models import ModelConfig, load_model_and_tokenizer
     from pipelines.relevance.sft import build_examples, collate
 
-    _, train, _ = judgments
+    train, _ = judgments
     cfg = build_config(SFTConfig, "sft", SMALL | {"max_length": 1024})
     _, tok = load_model_and_tokenizer(ModelConfig(), list(train["query"]))
     table = tokenize_examples(build_examples(train.head(4), tok, cfg), tok, cfg).to_pydict()
@@ -102,28 +90,15 @@ def test_epoch_batches_are_deterministic_and_length_grouped():
     assert spread < 0.2 * (lengths.max() - lengths.min())  # bucketing keeps padding small
 
 
-KILLABLE = textwrap.dedent("""
-    import json, sys
-    from pathlib import Path
-    import pandas as pd
-    from pipelines.env import apply_defaults
-    apply_defaults()
-    from pipelines.config import build_config
-    from pipelines.relevance.sft import SFTConfig, run_sft
-    train = pd.read_parquet(sys.argv[1]); val = pd.read_parquet(sys.argv[2])
-    cfg = build_config(SFTConfig, "sft", json.loads(sys.argv[3]))
-    out = Path(sys.argv[4]); out.mkdir(exist_ok=True)
-    print(json.dumps(run_sft(train, val, cfg, out, Path(sys.argv[5]))))
-""")
 
 
 def _run_killed_then_resumed(judgments, tmp_path, overrides, kill_at_step):
-    _, train, val = judgments
+    train, val = judgments
     train_path, val_path = tmp_path / "train.parquet", tmp_path / "val.parquet"
     train.to_parquet(train_path)
     val.to_parquet(val_path)
     script = tmp_path / "sft_job.py"
-    script.write_text(KILLABLE)
+    script.write_text(SFT_JOB)
     args = [sys.executable, str(script), str(train_path), str(val_path), json.dumps(SMALL | overrides),
             str(tmp_path / "out"), str(tmp_path / "ckpt")]
     return kill_and_rerun(args, tmp_path / "ckpt", "sft", kill_at_step, tmp_path / "out" / "model")
@@ -143,7 +118,7 @@ def test_sigkill_mid_training_resumes_to_the_same_result(judgments, tmp_path, ra
 
 @pytest.mark.slow
 def test_resume_exactly_at_an_epoch_boundary_trains_the_remaining_epochs(judgments, tmp_path, ray_local):
-    _, train, _ = judgments
+    train, _ = judgments
     steps_per_epoch = 96 // 8  # max_train_examples / micro_batch_size
     overrides = {"num_train_epochs": 2, "save_steps": steps_per_epoch}
     resumed, killed_at = _run_killed_then_resumed(judgments, tmp_path, overrides, kill_at_step=steps_per_epoch)

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -16,10 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import kill_session
+from conftest import SFT_JOB, kill_session
 
 from pipelines.config import build_config
-from pipelines.data.relevance import PrepareConfig, prepare_relevance, read_split
 from pipelines.relevance.sft import SFTConfig, run_sft
 from pipelines.training.runtime import ClusterTooSmallError, check_cluster_fits, latest_checkpoint_step
 from pipelines.training.sharding import epoch_batches, rank_share
@@ -28,16 +26,6 @@ from pipelines.training.sharding import epoch_batches, rank_share
 TWO = {"max_train_examples": 45, "max_val_examples": 8, "per_device_train_batch_size": 4, "learning_rate": 2e-3,
        "eval_steps": 0, "save_steps": 0, "logging_steps": 1, "max_length": 192, "num_workers": 2,
        "cpus_per_worker": 1}
-
-
-@pytest.fixture(scope="module")
-def judgments(shared_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("prepared")
-    prepare_relevance("crowdflower", shared_data / "crowdflower_search_relevance", out,
-                      PrepareConfig(engine="pandas", max_queries=40))
-    train, val = read_split(out, "train"), read_split(out, "val")
-    train["rationale"] = "1. Query understanding: the query asks for " + train["query"] + "."
-    return train, val
 
 
 def _sft(judgments, tmp_path, **settings):
@@ -165,19 +153,6 @@ def test_a_lost_worker_is_restarted_by_ray_train_and_the_run_ends_as_if_uninterr
     assert summary["final_train_loss"] == pytest.approx(reference["summary"]["final_train_loss"], abs=1e-5)
 
 
-KILLABLE = textwrap.dedent("""
-    import json, sys
-    from pathlib import Path
-    import pandas as pd
-    from pipelines.env import apply_defaults
-    apply_defaults()
-    from pipelines.config import build_config
-    from pipelines.relevance.sft import SFTConfig, run_sft
-    train = pd.read_parquet(sys.argv[1]); val = pd.read_parquet(sys.argv[2])
-    cfg = build_config(SFTConfig, "sft", json.loads(sys.argv[3]))
-    out = Path(sys.argv[4]); out.mkdir(exist_ok=True)
-    print(json.dumps(run_sft(train, val, cfg, out, Path(sys.argv[5]))))
-""")
 
 
 @pytest.mark.slow
@@ -186,7 +161,7 @@ def test_a_killed_sft_whose_data_changed_resumes_nothing_and_says_why(judgments,
     settings = TWO | {"num_workers": 1, "max_steps": 8, "save_steps": 2}
     train.to_parquet(tmp_path / "train.parquet")
     val.to_parquet(tmp_path / "val.parquet")
-    (tmp_path / "job.py").write_text(KILLABLE)
+    (tmp_path / "job.py").write_text(SFT_JOB)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": os.getcwd()}
     proc = subprocess.Popen([sys.executable, str(tmp_path / "job.py"), str(tmp_path / "train.parquet"),
                              str(tmp_path / "val.parquet"), json.dumps(settings), str(tmp_path / "out"),

@@ -35,7 +35,6 @@ from pipelines.relevance.model_card import copy_card, read_model_card
 from pipelines.relevance.sft import collate, tokenize_examples
 from pipelines.training.config import TrainingConfig
 from pipelines.training.runtime import TrainingWorker, run_training
-from pipelines.training.sharding import epoch_batches, rank_share
 
 log = logging.getLogger(__name__)
 
@@ -171,29 +170,19 @@ class DPOWorker(TrainingWorker):
         c = self.config
         model, self.tokenizer = self.load_pretrained(self.paths["sft_model"])
         self.pairs = pq.read_table(self.paths["pairs"]).to_pydict()
-        self.lengths = np.array([max(len(a), len(b)) for a, b in zip(self.pairs["chosen_ids"],
-                                                                      self.pairs["rejected_ids"], strict=True)])
-        self.global_batch = c.per_device_train_batch_size * self.world
-        micro_per_epoch = len(epoch_batches(self.lengths, self.global_batch, c.seed, 0, c.bucket_window, self.world))
-        self.steps_per_epoch = max(1, micro_per_epoch // c.gradient_accumulation_steps)
+        self.plan_epochs([max(len(a), len(b)) for a, b in zip(self.pairs["chosen_ids"], self.pairs["rejected_ids"],
+                                                               strict=True)], c.bucket_window)
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         return model
 
-    def total_steps(self) -> int:
-        return self.config.max_steps or self.steps_per_epoch * self.config.num_train_epochs
-
     def training_step(self) -> dict[str, float]:
-        c = self.config
-        epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
-        batches = epoch_batches(self.lengths, self.global_batch, c.seed, epoch, c.bucket_window, self.world)
-        micro = batches[step_in_epoch * c.gradient_accumulation_steps:
-                        (step_in_epoch + 1) * c.gradient_accumulation_steps]
+        c, micro = self.config, self.step_batches()
         sums: dict[str, float] = {}
-        for indices in micro:
+        for mine in micro:
             # every rank holds the same number of pairs (`epoch_batches` pads), so the mean of the ranks'
             # pair-mean losses is the pair-mean loss of the global batch
-            batch, n = pair_batch(self.pairs, rank_share(indices, self.rank, self.world), self.pad_id)
+            batch, n = pair_batch(self.pairs, mine, self.pad_id)
             loss, parts = dpo_step_loss(self.engine, {k: v.to(self.device) for k, v in batch.items()}, n, c)
             self.engine.backward(loss)
             self.engine.step()

@@ -32,7 +32,6 @@ from pipelines.relevance.model_card import MODEL_CARD
 from pipelines.relevance.models import ModelConfig
 from pipelines.training.config import TrainingConfig
 from pipelines.training.runtime import TrainingWorker, run_training
-from pipelines.training.sharding import epoch_batches, rank_share
 
 log = logging.getLogger(__name__)
 
@@ -226,21 +225,15 @@ class SFTWorker(TrainingWorker):
         c = self.config
         model, self.tokenizer = self.load_pretrained(self.paths["init"])
         self.train = pq.read_table(self.paths["train"]).to_pydict()
-        self.lengths = np.array([len(s) for s in self.train["input_ids"]])
+        self.plan_epochs([len(s) for s in self.train["input_ids"]], c.bucket_window)
         self.level_weight = level_balance(np.array(self.train["label"]), c)
         self.label_weight = label_weights(self.level_weight, c)
-        self.global_batch = c.per_device_train_batch_size * self.world
-        micro_per_epoch = len(epoch_batches(self.lengths, self.global_batch, c.seed, 0, c.bucket_window, self.world))
-        self.steps_per_epoch = max(1, micro_per_epoch // c.gradient_accumulation_steps)
         self.val = pq.read_table(self.paths["val"]).to_pandas()
         self.label_ids = {int(k): v for k, v in self.cfg["label_ids"].items()}
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.tokens_seen, self.seconds = 0, 0.0
         return model
-
-    def total_steps(self) -> int:
-        return self.config.max_steps or self.steps_per_epoch * self.config.num_train_epochs
 
     def training_step(self) -> dict[str, float]:
         import time
@@ -249,13 +242,8 @@ class SFTWorker(TrainingWorker):
 
         c, t0 = self.config, time.perf_counter()
         level_ids = torch.tensor([self.label_ids[level] for level in LEVELS], device=self.device)
-        epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
-        batches = epoch_batches(self.lengths, self.global_batch, c.seed, epoch, c.bucket_window, self.world)
-        micro = batches[step_in_epoch * c.gradient_accumulation_steps:
-                        (step_in_epoch + 1) * c.gradient_accumulation_steps]
         losses = []
-        for indices in micro:
-            mine = rank_share(indices, self.rank, self.world)
+        for mine in self.step_batches():
             batch = collate([self.train["input_ids"][i] for i in mine],
                             [self.train["response_start"][i] for i in mine], self.pad_id,
                             [self.train["label_pos"][i] for i in mine], self.label_weight[mine],

@@ -43,6 +43,7 @@ import torch
 
 from pipelines.training.config import NOT_RESULT_CHANGING, LoraSettings, TrainingConfig
 from pipelines.training.modeling import load_model, save_model
+from pipelines.training.sharding import epoch_batches, rank_share
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +249,8 @@ class TrainingWorker:
         raise NotImplementedError
 
     def total_steps(self) -> int:
-        raise NotImplementedError
+        """`max_steps`, else the epochs' worth of steps (`plan_epochs`)."""
+        return self.config.max_steps or self.steps_per_epoch * self.config.num_train_epochs
 
     def training_step(self) -> dict[str, float]:
         """One optimizer step on this rank's share of the data; returns metrics (averaged over ranks)."""
@@ -325,6 +327,22 @@ class TrainingWorker:
             self._zero3_context = HfDeepSpeedConfig(self.ds_config)
         model, tokenizer = load_model(model_dir, "float32")
         return with_lora(model, self.config.lora), tokenizer
+
+    def plan_epochs(self, lengths: np.ndarray, bucket_window: int) -> None:
+        """Epoch-based trainers (SFT, DPO) call this in `setup` with their examples' lengths."""
+        c = self.config
+        self.lengths, self.bucket_window = np.asarray(lengths), bucket_window
+        self.global_batch = c.per_device_train_batch_size * self.world
+        micro = len(epoch_batches(self.lengths, self.global_batch, c.seed, 0, bucket_window, self.world))
+        self.steps_per_epoch = max(1, micro // c.gradient_accumulation_steps)
+
+    def step_batches(self) -> list[np.ndarray]:
+        """This rank's examples of each micro-batch of the current step (`plan_epochs`)."""
+        c = self.config
+        epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
+        batches = epoch_batches(self.lengths, self.global_batch, c.seed, epoch, self.bucket_window, self.world)
+        gas = c.gradient_accumulation_steps
+        return [rank_share(b, self.rank, self.world) for b in batches[step_in_epoch * gas:(step_in_epoch + 1) * gas]]
 
     def global_sum(self, value: torch.Tensor | float) -> torch.Tensor:
         """`value` summed over the ranks (a float64 tensor on this rank's device)."""
