@@ -129,8 +129,9 @@ def _ray_train_worker_pids() -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [2, 3])
 def test_a_lost_worker_is_restarted_by_ray_train_and_the_run_ends_as_if_uninterrupted(
-        judgments, tmp_path, tmp_path_factory, on_two_nodes):
+        judgments, tmp_path, tmp_path_factory, on_two_nodes, zero_stage):
     reference = _two_worker_reference(judgments, tmp_path_factory)
     killed: list[int] = []
 
@@ -146,11 +147,14 @@ def test_a_lost_worker_is_restarted_by_ray_train_and_the_run_ends_as_if_uninterr
 
     watcher = threading.Thread(target=kill_one_worker_after_the_first_checkpoint, daemon=True)
     watcher.start()
-    summary, out = _sft(judgments, tmp_path, max_steps=8, save_steps=2, max_train_examples=48)  # one call
+    summary, out = _sft(judgments, tmp_path, max_steps=8, save_steps=2, max_train_examples=48,
+                        zero_stage=zero_stage)  # one call: no retry from outside
     watcher.join(timeout=5)
     assert killed, "no worker was killed"
     assert summary["resumed_from_step"] >= 2  # Ray Train restarted the group from a checkpoint
-    assert summary["final_train_loss"] == pytest.approx(reference["summary"]["final_train_loss"], abs=1e-5)
+    # the reference ran on ZeRO-2: ZeRO-3 partitions and reduces differently, so it agrees less closely
+    tolerance = 1e-5 if zero_stage == 2 else 1e-3
+    assert summary["final_train_loss"] == pytest.approx(reference["summary"]["final_train_loss"], abs=tolerance)
 
 
 
