@@ -15,6 +15,7 @@ from Parquet); not Ray, MLflow or Airflow.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -100,8 +101,6 @@ def main() -> None:
         timed_steps(sft, args.steps, "sft")
         sft.save_final()
         model_dir = tmp / "sft" / "model"
-        import json
-
         (model_dir / MODEL_CARD).write_text(json.dumps({"response_style": "post_cot", "max_description_chars": 0,
                                                         "include_instruction": False,
                                                         "label_ids": loop_cfg["label_ids"]}))

@@ -483,10 +483,13 @@ class GRPOWorker(TrainingWorker):
     def scheduler_steps(self) -> int:
         return self.config.max_steps * self.config.mini_batches
 
+    def prepare(self) -> None:
+        super().prepare()
+        if self.reference is not None:
+            self.reference.to(self.device)  # where the engine put the policy
+
     def training_step(self) -> dict[str, float]:
         c = self.config
-        if self.reference is not None:
-            self.reference.to(self.device)
         t0 = time.perf_counter()
         groups, metrics = self.generate_batch()  # prompts -> G rollouts -> rewards -> dynamic sampling
         t1 = time.perf_counter()

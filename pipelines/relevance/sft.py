@@ -58,7 +58,8 @@ class SFTConfig(TrainingConfig):
     )
     max_train_examples: int = field(default=0, metadata={"help": "Seeded subsample of training pairs; 0 = all."})
     max_val_examples: int = field(default=256, metadata={"help": "Validation pairs scored during training."})
-    eval_steps: int = field(default=50, metadata={"help": "Validate every N optimizer steps (0 = end only)."})
+    eval_steps: int = field(
+        default=50, metadata={"help": "First-token accuracy on validation pairs every N steps (0 = end only)."})
     label_loss_weight: float = field(
         default=1.0,
         metadata={"help": "Weight of the label token in the token-mean loss (1 = plain next-token CE, as in the "

@@ -50,6 +50,8 @@ class TrainingConfig:
     save_steps: int = field(
         default=50, metadata={"help": "Checkpoint every N steps, reported to Ray Train (0 = none until the end)."})
     logging_steps: int = field(default=5, metadata={"help": "Log training metrics to MLflow every N steps."})
+    eval_steps: int = field(
+        default=0, metadata={"help": "Run the trainer's validation every N steps (0 = at the end only)."})
     seed: int = field(default=0, metadata={"help": "Seed of the data order, dropout and sampling."})
     bf16: bool = field(default=False, metadata={"help": "DeepSpeed bf16 mode (bf16 weights, fp32 master copy)."})
     zero_stage: Literal[0, 1, 2, 3] = field(

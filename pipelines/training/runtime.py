@@ -280,7 +280,7 @@ class TrainingWorker:
     def fit(self) -> None:
         self.prepare()
         self.resume()
-        eval_steps = getattr(self.config, "eval_steps", 0)
+        eval_steps = self.config.eval_steps
         progress = self._progress()
         self.engine.train()
         while self.step < self.total:
@@ -505,14 +505,11 @@ def prepare_resume(checkpoint_dir: Path, name: str, key: dict[str, str]) -> str:
 def latest_checkpoint_step(checkpoint_dir: Path, name: str) -> int | None:
     """The step of the newest checkpoint Ray Train registered for the run (what a rerun resumes), or None."""
     run_folder = Path(checkpoint_dir) / "ray" / name
-    steps = [int(p.name.removeprefix("step")) for p in run_folder.glob("step*")
-             if p.is_dir() and (p / RESUME_FILE).exists()]
-    snapshot = next(iter(run_folder.glob("checkpoint_manager_snapshot*.json")), None)
-    if snapshot is None or not steps:
+    snapshot = run_folder / "checkpoint_manager_snapshot.json"
+    if not snapshot.exists():
         return None
-    registered = json.loads(snapshot.read_text())
-    latest = (registered.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-    return int(latest.removeprefix("step")) if latest else None
+    latest = (json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    return int(latest.removeprefix("step")) if latest and (run_folder / latest / RESUME_FILE).exists() else None
 
 
 def worker_resources(config: TrainingConfig) -> dict[str, float]:

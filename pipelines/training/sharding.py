@@ -42,10 +42,3 @@ def pad_to_multiple(batch: np.ndarray, world_size: int, pool: np.ndarray) -> np.
 def rank_share(batch: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     """Rank `rank`'s examples of a global batch (the same count on every rank after `epoch_batches`)."""
     return batch[rank::world_size]
-
-
-def steps_per_epoch(n_examples_lengths: np.ndarray, batch_size: int, window: int,
-                    gradient_accumulation_steps: int, world_size: int) -> int:
-    """Optimizer steps in one epoch (at least 1); the same for every epoch and every rank."""
-    micro = len(epoch_batches(n_examples_lengths, batch_size, 0, 0, window, world_size))
-    return max(1, micro // gradient_accumulation_steps)
