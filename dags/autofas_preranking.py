@@ -5,8 +5,8 @@ A stage the installed AutoFAS pipeline does not define yet ends as skipped (the 
 log), so the DAG runs as far as the pipeline goes.
 
 Schedule: weekly (Monday 04:00 UTC) OR whenever the click-log Asset gets an event, whichever comes first.
-No start_date: unpausing starts nothing. Backfills: catchup=False and max_active_runs=1, as in taosr1_relevance: a backfill creates one run per missed
-week, one at a time, each under its own run id (its own run key), each retraining from the logs as they are at
+No start_date and catchup=False: unpausing creates one run for the most recent Monday 04:00, then one a week.
+Backfills: max_active_runs=1, as in taosr1_relevance: a backfill creates one run per missed week, one at a time, each under its own run id (its own run key), each retraining from the logs as they are at
 run time; trigger with an earlier run's `run_key` to reuse its finished stages instead.
 """
 

@@ -4,8 +4,9 @@ Wiring only: every task runs `python -m ray_jobs.<stage> taosr1 ...` through Ray
 
 Schedule: weekly (Monday 03:00 UTC) OR whenever the judgments Asset gets an event (new judgments landed: post
 one with `POST /api/v2/assets/events` or from the DAG that writes them), whichever comes first.
-The DAG has no start_date: unpausing it starts nothing, the first scheduled run is the next Monday (or the next
-judgments event). Backfills: catchup=False, so the scheduler never creates missed weekly runs by itself, and
+The DAG has no start_date and catchup=False: unpausing it creates one run for the most recent Monday 03:00 (that
+is what Airflow does with catchup=False), then one a week. Backfills: the scheduler never creates the other
+missed weekly runs by itself, and
 max_active_runs=1, so runs (scheduled, asset-triggered, manual or backfill) happen one at a time and never
 train on the same machine at once. A backfill (`airflow backfill create --dag-id taosr1_relevance --from-date
 ... --to-date ...`) creates one run per missed week; each run's key is its own run id, so each one retrains from
