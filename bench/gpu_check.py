@@ -88,8 +88,8 @@ def main() -> None:
     from pipelines.relevance.sft import MODEL_CARD, SFTConfig, SFTWorker, prepare_inputs
 
     rows = tiny_rows(args.pairs)
-    shared = {"zero_stage": 2, "bf16": bf16, "cpus_per_worker": os.cpu_count(), "save_steps": 0,
-              "learning_rate": 1e-3, "max_steps": args.steps}
+    shared = {"zero_stage": 2, "dtype": "bfloat16" if bf16 else "float32", "cpus_per_worker": os.cpu_count(),
+              "save_steps": 0, "learning_rate": 1e-3, "max_steps": args.steps}
     local = {"runtime": "local", "resume_key": "gpu-check"}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -55,9 +55,9 @@ def bench_ours(rows, args) -> dict:
 
     cfg = build_config(SFTConfig, "sft", {"model": {"name": args.model}, "per_device_train_batch_size": args.batch,
                                           "max_length": args.max_length, "learning_rate": args.lr,
-                                          "zero_stage": args.zero_stage, "bf16": args.bf16, "warmup_ratio": 0.0,
-                                          "max_steps": args.warmup + args.steps, "cpus_per_worker": os.cpu_count(),
-                                          "max_val_examples": 1})
+                                          "zero_stage": args.zero_stage, "dtype": "bfloat16" if args.bf16 else "float32",
+                                          "warmup_ratio": 0.0, "max_steps": args.warmup + args.steps,
+                                          "cpus_per_worker": os.cpu_count(), "max_val_examples": 1})
     with tempfile.TemporaryDirectory() as tmp:
         loop_cfg = prepare_inputs(rows, rows.head(1), cfg, Path(tmp) / "work", Path(tmp) / "out")
         worker = SFTWorker(loop_cfg | {"runtime": "local", "resume_key": "bench"})
@@ -180,8 +180,8 @@ def bench_scaling(rows, args) -> None:
 
     ensure_ray(num_cpus=2)
     shared = {"model": {"name": args.model}, "max_length": args.max_length, "learning_rate": args.lr,
-              "zero_stage": args.zero_stage, "bf16": args.bf16, "warmup_ratio": 0.0, "max_val_examples": 1,
-              "max_steps": args.warmup + args.steps, "save_steps": 0, "eval_steps": 0}
+              "zero_stage": args.zero_stage, "dtype": "bfloat16" if args.bf16 else "float32", "warmup_ratio": 0.0,
+              "max_val_examples": 1, "max_steps": args.warmup + args.steps, "save_steps": 0, "eval_steps": 0}
     layouts = {"1 worker x 2 CPUs": {"num_workers": 1, "cpus_per_worker": 2, "per_device_train_batch_size": args.batch},
                "2 workers x 1 CPU": {"num_workers": 2, "cpus_per_worker": 1,
                                      "per_device_train_batch_size": args.batch // 2}}

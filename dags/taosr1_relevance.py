@@ -56,6 +56,8 @@ with DAG(
     tasks["rationales"] >> tasks["sft"] >> [tasks["evaluate"], tasks["sample"]]
     tasks["sample"] >> tasks["dpo_pairs"] >> tasks["dpo"] >> [tasks["evaluate_dpo"], tasks["grpo"]]
     tasks["grpo"] >> tasks["evaluate_grpo"]
+    # Each evaluation compares its model with the baselines stage's lexical predictions (paired over queries).
+    tasks["baselines"] >> [tasks["evaluate"], tasks["evaluate_dpo"], tasks["evaluate_grpo"]]
     # register takes the last trained model (grpo, else dpo, else sft) with its evaluation; the gate comes last.
     [tasks["evaluate"], tasks["evaluate_dpo"], tasks["evaluate_grpo"], tasks["baselines"]] >> tasks["register"]
     tasks["register"] >> tasks["promote"]

@@ -323,7 +323,7 @@ def test_deepspeed_files_agree_with_the_gpu_profile(stage, name):
 
     sft = load_stage_config(SFTConfig, "taosr1", "sft", "gpu",
                             [f"sft.zero_stage={stage}", f"sft.deepspeed_config=infra/deepspeed/{name}"])
-    assert sft.bf16 and sft.num_workers == 8
+    assert sft.dtype == "bfloat16" and sft.num_workers == 8
     file = json.loads((INFRA / "deepspeed" / name).read_text())
     built = deepspeed_config(sft, sft.num_workers)
     assert _subset(built, file) == []

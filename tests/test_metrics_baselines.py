@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -209,6 +210,114 @@ def test_confusion_figure(tmp_path: Path):
     assert sorted(t.get_text() for t in ax.texts)[:3] == ["0", "0", "0"]
     fig.savefig(tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+# ------------------------------------------------------------------------------ paired bootstrap over queries
+
+
+def _small_paired_case():
+    """4 queries of 3-5 pairs (every query holds two or more true levels, so QWK is always defined), and two
+    models' predicted levels."""
+    queries = np.repeat(["q0", "q1", "q2", "q3"], [3, 5, 4, 3])
+    y = np.array([4, 3, 1, 4, 4, 3, 2, 1, 2, 2, 3, 4, 1, 4, 3])
+    a = np.array([4, 3, 2, 4, 3, 3, 2, 1, 2, 3, 3, 4, 1, 4, 4])
+    b = np.array([4, 4, 4, 4, 4, 4, 2, 4, 1, 2, 4, 4, 2, 4, 3])
+    return queries, y, a, b
+
+
+def test_paired_bootstrap_matches_the_exact_bootstrap_distribution():
+    """Brute force: every multiset of 4 query draws with replacement (35 of them; a query drawn twice counts
+    twice), each scored by classification_metrics on its rows and weighted by its multinomial probability,
+    gives the exact distribution of the difference; the bootstrap's resamples must fall on its support with its
+    frequencies, its mean and its quantiles."""
+    import itertools
+    import math
+
+    from pipelines.relevance.metrics import paired_bootstrap, paired_bootstrap_samples
+
+    queries, y, a, b = _small_paired_case()
+    rows_of = [np.flatnonzero(queries == q) for q in ("q0", "q1", "q2", "q3")]
+    exact = {"macro_f1": [], "qwk": []}
+    weights = []
+    for draw in itertools.combinations_with_replacement(range(4), 4):
+        rows = np.concatenate([rows_of[q] for q in draw])
+        ma, mb = (classification_metrics(y[rows], one_hot(pred[rows])) for pred in (a, b))
+        for metric in exact:
+            exact[metric].append(ma[metric] - mb[metric])
+        weights.append(math.factorial(4) / math.prod(math.factorial(draw.count(q)) for q in range(4)) / 4 ** 4)
+    weights = np.array(weights)
+    assert len(weights) == 35 and weights.sum() == pytest.approx(1.0)
+    n_boot = 20000
+    samples = paired_bootstrap_samples(y, queries, a, b, n_boot=n_boot, seed=3)
+    result = paired_bootstrap(y, queries, a, b, n_boot=n_boot, seed=3)
+    assert (result["n"], result["n_queries"], result["n_boot"], result["seed"]) == (15, 4, n_boot, 3)
+    for metric, values in exact.items():
+        values = np.round(values, 10)
+        support, inverse = np.unique(values, return_inverse=True)
+        probability = np.bincount(inverse, weights=weights)
+        drawn = np.round(samples[metric], 10)
+        assert np.isin(drawn, support).all(), f"{metric}: a resample off the exact support"
+        frequency = np.array([(drawn == v).mean() for v in support])
+        assert np.abs(frequency - probability).max() < 0.015, metric
+        mean = (weights * values).sum()
+        sd = np.sqrt((weights * (values - mean) ** 2).sum())
+        assert abs(drawn.mean() - mean) < 4 * sd / np.sqrt(n_boot), metric
+        # exact quantiles at 1%, 4.5%, 95.5% and 99%: the 95% interval's ends lie between them
+        q01, q045, q955, q99 = support[np.searchsorted(np.cumsum(probability), [0.01, 0.045, 0.955, 0.99])]
+        assert q01 <= result[metric]["ci_low"] <= q045 and q955 <= result[metric]["ci_high"] <= q99, metric
+        point = classification_metrics(y, one_hot(a))[metric] - classification_metrics(y, one_hot(b))[metric]
+        assert result[metric]["diff"] == pytest.approx(point, abs=1e-12)
+    json.dumps(result)
+
+
+def test_paired_bootstrap_is_deterministic_takes_probs_and_is_fast():
+    import time
+
+    from pipelines.relevance.metrics import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    n, n_queries = 1594, 260  # CrowdFlower's test split
+    queries = rng.integers(0, n_queries, n).astype(str)
+    y = rng.integers(1, 5, n)
+    a = np.where(rng.random(n) < 0.4, y, rng.integers(1, 5, n))
+    b = np.where(rng.random(n) < 0.3, y, rng.integers(1, 5, n))
+    start = time.perf_counter()
+    first = paired_bootstrap(y, queries, a, b, n_boot=1000, seed=7)
+    assert time.perf_counter() - start < 2.0
+    assert paired_bootstrap(y, queries, one_hot(a), one_hot(b), n_boot=1000, seed=7) == first
+    assert paired_bootstrap(y, queries, a, b, n_boot=1000, seed=8) != first
+    for metric in ("macro_f1", "qwk"):
+        d = first[metric]
+        assert d["ci_low"] < d["diff"] < d["ci_high"] and d["ci_low"] > 0  # a clearly better model
+    same = paired_bootstrap(y, queries, a, a, n_boot=50)
+    assert same["macro_f1"] == {"diff": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    with pytest.raises(ValueError, match="rows differ"):
+        paired_bootstrap(y[:-1], queries, a, b)
+
+
+def test_metrics_from_confusion_match_classification_metrics():
+    from pipelines.relevance.metrics import confusions_by_group, macro_f1_from_confusion, qwk_from_confusion
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(1, 5, 60)
+    pred = np.where(rng.random(60) < 0.5, y, rng.integers(1, 4, 60))  # level 4 predicted only where right
+    groups = rng.integers(0, 3, 60)
+    per_group = confusions_by_group(groups, y, pred, 3)
+    assert per_group.sum(axis=0).tolist() == classification_metrics(y, one_hot(pred))["confusion"]
+    for rows in (np.arange(60), np.flatnonzero(groups == 1), np.flatnonzero(y > 2)):
+        m = classification_metrics(y[rows], one_hot(pred[rows]))
+        confusion = np.asarray(m["confusion"])
+        assert macro_f1_from_confusion(confusion) == pytest.approx(m["macro_f1"], abs=1e-12)
+        assert qwk_from_confusion(confusion) == pytest.approx(m["qwk"], abs=1e-12)
+    constant = np.zeros((4, 4))
+    constant[3, 3] = 5  # both sides level 4 only: kappa is undefined, as in classification_metrics
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scikit-learn warns that kappa is undefined
+        assert np.isnan(classification_metrics([4] * 5, one_hot([4] * 5))["qwk"])
+    assert np.isnan(qwk_from_confusion(constant))
+    full = np.asarray(classification_metrics(y, one_hot(pred))["confusion"])
+    stacked = qwk_from_confusion(np.stack([constant, full]))
+    assert stacked.shape == (2,) and np.isnan(stacked[0]) and np.isfinite(stacked[1])
 
 
 # -------------------------------------------------------------------------------------------- baselines

@@ -2,6 +2,8 @@
 comparison, read from stage manifests (made here by `run_stage` from real metric functions, without training;
 tests/test_taosr1_e2e.py checks the same report on a real tiny run)."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -94,3 +96,108 @@ def test_report_shows_how_many_test_pairs_each_row_was_scored_on(tmp_path):
                                   "style": "post_cot"})
     text, rows = render_report(tmp_path, "r")
     assert sorted(r["test pairs"] for r in rows) == [5, 12] and "seeded subsample" in text
+
+
+def _vs_lexical(test: pd.DataFrame, model: np.ndarray, lexical: np.ndarray) -> dict:
+    from pipelines.relevance.metrics import paired_bootstrap
+
+    return paired_bootstrap(test["label"].to_numpy(), test["query_id"].to_numpy(), model, lexical, n_boot=200)
+
+
+def test_report_shows_the_paired_interval_against_lexical_and_a_verdict(tmp_path):
+    rng = np.random.default_rng(2)
+    test = pd.DataFrame({"query_id": np.repeat([f"q{i}" for i in range(30)], 8), "label": rng.integers(1, 5, 240)})
+    labels = test["label"].to_numpy()
+    lexical = np.where(rng.random(240) < 0.4, labels, rng.integers(1, 5, 240))
+    good = np.where(rng.random(240) < 0.9, labels, rng.integers(1, 5, 240))
+    onehot = np.eye(4)
+    baselines = {"majority": np.full(240, 4), "lexical": lexical}
+    _stage(tmp_path, "baselines", {name: {"test": evaluate_probs(test, onehot[p - 1]), "tiers": {},
+                                          "vs_lexical": None if name == "lexical" else
+                                          _vs_lexical(test, p, lexical)} for name, p in baselines.items()})
+    vs_good = _vs_lexical(test, good, lexical)
+    _stage(tmp_path, "evaluate", {"test": evaluate_probs(test, onehot[good - 1]), "tiers": {}, "style": "post_cot",
+                                  "vs_lexical": vs_good})
+    _stage(tmp_path, "evaluate_no_cot", {"test": evaluate_probs(test, onehot[lexical - 1]), "tiers": {},
+                                         "style": "no_cot"})  # evaluated before the baselines ran: no comparison
+
+    rows = {r["model"]: r for r in ablation_rows(tmp_path, "r")}
+    f1 = vs_good["macro_f1"]
+    assert rows["SFT, post-CoT (label, then reason)"]["dF1 [lo,hi]"] == \
+        f"{f1['diff']:+.3f} [{f1['ci_low']:+.3f},{f1['ci_high']:+.3f}]"
+    assert rows["SFT, post-CoT (label, then reason)"]["dQWK [lo,hi]"].startswith(f"{vs_good['qwk']['diff']:+.3f} [")
+    assert rows["lexical (BM25 features + sklearn)"]["dF1 [lo,hi]"] == ""  # the reference itself
+    assert rows["SFT, no CoT"]["dF1 [lo,hi]"] == rows["SFT, no CoT"]["dQWK [lo,hi]"] == ""
+    assert rows["majority"]["dF1 [lo,hi]"].startswith("-")
+
+    text, _ = render_report(tmp_path, "r")
+    section = text.split("## Against the lexical baseline")[1].split("\n## ")[0]
+    table = [line for line in section.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header == ["model", "dF1 [lo,hi]", "dQWK [lo,hi]", "verdict"]
+    assert max(len(line) for line in table) <= 80  # narrow: fits a terminal
+    verdicts = {c[0]: c[3] for c in ([x.strip() for x in line.strip("|").split("|")] for line in table[2:])}
+    assert verdicts == {"majority": "worse", "SFT, post-CoT": "better"}
+    assert "200 resamples of the 30 test queries" in section and "95% interval" in section
+
+
+def test_evaluate_stage_compares_with_the_baselines_lexical_predictions(root, shared_data, monkeypatch):
+    """The real baselines and evaluate stages (the model's scoring stubbed: no model is trained here): the
+    baselines stage writes lexical's test predictions, evaluate pairs its model with them on the same rows (a
+    seeded subsample here), stores the interval in metrics.json and logs it to MLflow under constant names."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.relevance import pipeline
+    from pipelines.relevance.metrics import paired_bootstrap
+    from pipelines.tracking import runs
+
+    spec = pipeline.RunSpec(run_key="vs", root=root, dataset="crowdflower",
+                            path=shared_data / "crowdflower_search_relevance", profile="tiny",
+                            overrides=["prepare.max_queries=30", "prepare.engine=pandas",
+                                       "baselines.baselines=[majority,lexical]", "evaluate.hallucination_examples=0",
+                                       "evaluate.max_examples=60"])
+    results = pipeline.run_taosr1(spec, ["prepare", "baselines"])
+    baselines = results["baselines"]
+    assert baselines.summary["lexical"]["vs_lexical"] is None
+    majority = baselines.summary["majority"]["vs_lexical"]
+    assert majority["n"] == baselines.summary["majority"]["test"]["n"] and majority["n_boot"] == 1000
+    lexical = pd.read_parquet(baselines.path / pipeline.LEXICAL_PREDICTIONS)
+    test = pd.read_parquet(results["prepare"].path / "test.parquet")
+    assert len(lexical) == len(test) and (lexical["query_id"].to_numpy() == test["query_id"].to_numpy()).all()
+
+    run_stage(root=root, pipeline="taosr1", run_key="vs", stage="sft", config={}, inputs={},
+              body=lambda ctx: {}, tracking=False)  # stands in for a trained model
+    scored = {}
+
+    def fake_score(model_dir, splits, style, cfg):
+        rng = np.random.default_rng(0)
+        scored.update(splits)
+        return {split: rng.dirichlet(np.ones(4), size=len(rows)) for split, rows in splits.items()}
+
+    monkeypatch.setattr(pipeline, "score_model", fake_score)
+    if hasattr(pipeline, "_resolve_dtype"):  # no precision benchmark for a stubbed model
+        monkeypatch.setattr(pipeline, "_resolve_dtype", lambda cfg, device, threads=None: cfg)
+    result = pipeline.STAGE_FUNCTIONS["evaluate"](spec)
+    assert "lexical" in result.manifest["inputs"]
+    metrics = json.loads((result.path / "metrics.json").read_text())
+    rows = scored["test"]
+    assert len(rows) == 60 and metrics["vs_lexical"] == result.summary["vs_lexical"]
+    predictions = pd.read_parquet(result.path / "test_predictions.parquet")
+    by_row = lexical.set_index("row").loc[rows.index, ["p1", "p2", "p3", "p4"]].to_numpy()
+    expected = paired_bootstrap(rows["label"].to_numpy(), rows["query_id"].to_numpy(),
+                                predictions[["p1", "p2", "p3", "p4"]].to_numpy(), by_row)
+    assert metrics["vs_lexical"] == expected and expected["n"] == 60
+
+    logged = MlflowClient(runs.tracking_uri(root)).get_run(result.manifest["mlflow_run_id"]).data.metrics
+    for metric in ("macro_f1", "qwk"):
+        for stat in ("diff", "ci_low", "ci_high"):
+            value = logged[f"sft_post_cot.test.vs_lexical.{metric}_{stat}"]
+            assert value == pytest.approx(expected[metric][stat], nan_ok=True)
+    text, _ = render_report(root, "vs")
+    assert "## Against the lexical baseline" in text and "| SFT, post-CoT " in text
+
+    # A lexical file from another split is refused rather than paired with the wrong rows.
+    other = test.copy()
+    other["label"] = other["label"] % 4 + 1
+    with pytest.raises(ValueError, match="does not match"):
+        pipeline._read_lexical(baselines.path / pipeline.LEXICAL_PREDICTIONS, other)

@@ -90,12 +90,18 @@ def test_register_stage_gives_a_challenger_and_the_gate_records_why(trained):
     assert float(version.tags["searchrel.test.macro_f1"]) == pytest.approx(
         json.loads((results["evaluate"].path / "metrics.json").read_text())["test"]["macro_f1"], abs=1e-6)
     decision = json.loads((results["promote"].path / "decision.json").read_text())
-    # The first model must beat the lexical baseline, recomputed on the same rows; either way it says why.
+    # The first model must beat the lexical baseline, recomputed on the same rows, beyond noise (the paired
+    # interval over queries above 0); either way it says why, with the interval.
     assert decision["baseline_metrics"]["macro_f1"] > 0
     assert ("beats the lexical" in decision["reason"]) == decision["promoted"]
+    paired = decision["paired"]["macro_f1"]
+    assert decision["promoted"] == (paired["ci_low"] > 0) and "interval" in decision["reason"]
+    assert paired["diff"] == pytest.approx(decision["challenger_metrics"]["macro_f1"]
+                                           - decision["baseline_metrics"]["macro_f1"], abs=1e-9)
     promote_run = client.get_run(results["promote"].manifest["mlflow_run_id"])
     assert promote_run.data.tags["searchrel.decision"] in ("promoted", "kept")
     assert "challenger.macro_f1" in promote_run.data.metrics
+    assert promote_run.data.metrics["gate.macro_f1_ci_low"] == pytest.approx(paired["ci_low"])
 
 
 def test_pyfunc_scores_rows_with_probabilities_and_cumpt_tiers(trained):
@@ -146,13 +152,16 @@ def test_promotion_gate_rollback_and_concurrent_promotions(trained, tmp_path):
     strict = promote(root, name, good, rows, train, cfg)
     assert strict.challenger_metrics["macro_f1"] > strict.champion_metrics["macro_f1"] + 0.01, strict.reason
     drops = [strict.champion_metrics["f1_per_level"][k] - f1 for k, f1 in strict.challenger_metrics["f1_per_level"].items()]
-    # The per-level floor holds even when macro-F1 improves (the permuted model wins some level 1 rows).
-    assert strict.promoted == (max(drops) <= cfg.max_class_f1_drop), strict.reason
+    # The gain must hold beyond noise (the paired interval's lower bound above the margin), and the per-level
+    # floor holds even when macro-F1 improves (the permuted model wins some level 1 rows).
+    above = strict.paired["macro_f1"]["ci_low"] > cfg.min_macro_f1_gain
+    assert strict.promoted == (above and max(drops) <= cfg.max_class_f1_drop), strict.reason
     if not strict.promoted:
-        assert "F1 drops by" in strict.reason
-    lenient = PromoteConfig(model_name=name, first_baseline="none", min_macro_f1_gain=0.01, max_class_f1_drop=1.0)
+        assert ("F1 drops by" if above else "not above the margin") in strict.reason
+    lenient = PromoteConfig(model_name=name, first_baseline="none", min_macro_f1_gain=0.0, max_class_f1_drop=1.0)
     better = strict if strict.promoted else promote(root, name, good, rows, train, lenient)
-    assert better.promoted and str(client.get_model_version_by_alias(name, CHAMPION).version) == good
+    assert better.promoted, better.reason
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == good
 
     record = rollback(root, name)
     assert (record["rolled_back_from"], record["to"]) == (good, worse)
@@ -163,7 +172,7 @@ def test_promotion_gate_rollback_and_concurrent_promotions(trained, tmp_path):
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(2) as pool:
         outcomes = pool.starmap(_promote_in_process, [(str(root), name, v) for v in (a, b)])
-    assert sorted(outcomes) == [False, True]  # identical models: the second gain is 0, below the margin
+    assert sorted(outcomes) == [False, True]  # identical models: the second interval is [0, 0], not above 0
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) in (a, b)
 
 
@@ -174,7 +183,7 @@ def _promote_in_process(root: str, name: str, version: str) -> bool:
     apply_defaults()
     use_store(Path(root))
     prepare = Path(root) / "taosr1" / "serve" / "prepare"
-    cfg = PromoteConfig(model_name=name, first_baseline="none", min_macro_f1_gain=0.01, max_class_f1_drop=1.0)
+    cfg = PromoteConfig(model_name=name, first_baseline="none", min_macro_f1_gain=0.0, max_class_f1_drop=1.0)
     return promote(Path(root), name, version, read_split(prepare, "test"), read_split(prepare, "train"),
                    cfg).promoted
 

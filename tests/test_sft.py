@@ -36,7 +36,7 @@ def test_zero_stages_train(judgments, tmp_path, zero_stage, ray_local):
 
 
 def test_bf16_engine_trains_and_saves(judgments, tmp_path, ray_local):
-    summary, out = _sft(judgments, tmp_path, zero_stage=2, bf16=True, max_steps=4)
+    summary, out = _sft(judgments, tmp_path, zero_stage=2, dtype="bfloat16", max_steps=4)
     history = pd.read_parquet(out / "history.parquet")
     assert summary["total_steps"] == 4 and history["train/loss"].notna().all()
     assert history["train/loss"].iloc[-1] < history["train/loss"].iloc[0]

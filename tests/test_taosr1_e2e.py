@@ -28,6 +28,8 @@ def test_tiny_profile_end_to_end(root, shared_data, ray_local):
     assert 0 <= test["macro_f1"] <= 1 and sum(map(sum, test["confusion"])) == test["n"]
     assert {"cumpt", "thresholds", "argmax"} <= set(metrics["tiers"])
     assert 0.05 <= metrics["tiers"]["cumpt"]["beta"] <= 0.95
+    vs = metrics["vs_lexical"]  # paired with the baselines stage's lexical predictions on the same test rows
+    assert vs["n"] == test["n"] and vs["macro_f1"]["ci_low"] <= vs["macro_f1"]["ci_high"]
 
     client = MlflowClient(runs.tracking_uri(root))
     eval_run = client.get_run(results["evaluate"].manifest["mlflow_run_id"])
@@ -42,8 +44,10 @@ def test_tiny_profile_end_to_end(root, shared_data, ray_local):
     # every row, baselines included, has its CumPT tiers and prior-corrected argmax, tuned on val
     assert all(isinstance(r[column], float) for r in rows
                for column in ("tier F1 CumPT", "tier F1 thresholds", "macro_f1 prior-corr."))
+    # and, lexical itself aside, its paired difference against lexical with the interval
+    assert all(bool(r["dF1 [lo,hi]"]) != r["model"].startswith("lexical") for r in rows)
     path, _ = write_report(root, "e2e")
-    assert "SFT, post-CoT" in path.read_text()
+    assert "SFT, post-CoT" in path.read_text() and "## Against the lexical baseline" in path.read_text()
 
     again = run_taosr1(spec, ["main"])  # a rerun of the same run key finds its own work
     assert all(r.skipped for r in again.values())

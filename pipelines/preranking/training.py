@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from pipelines.bootstrap import percentile_interval, resample_counts
 from pipelines.data.clicks import FeatureSpec
 
 __all__ = ["ClickData", "auc", "bootstrap_auc", "fit", "load_click_data", "paired_auc_difference", "predict", "read_meta", "read_spec",
@@ -177,9 +178,8 @@ def _codes(s: np.ndarray) -> tuple[np.ndarray, int]:
 
 def bootstrap_weights(n: int, n_boot: int, seed: int):
     """Row-resampling weights (multinomial counts) for `n_boot` bootstrap replicates, one at a time."""
-    rng = np.random.default_rng([seed, 13])
-    for _ in range(n_boot):
-        yield np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)
+    for counts in resample_counts(n, n_boot, seed):
+        yield counts.astype(np.float64)
 
 
 def bootstrap_auc(y: np.ndarray, scores: dict[str, np.ndarray], n_boot: int = 1000, seed: int = 0,
@@ -191,10 +191,9 @@ def bootstrap_auc(y: np.ndarray, scores: dict[str, np.ndarray], n_boot: int = 10
     for w in bootstrap_weights(len(y), n_boot, seed):
         for k, (c, m) in prepared.items():
             samples[k].append(_auc_weighted(c, y, w, m))
-    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
-    return {k: {"auc": _auc_weighted(c, y, np.ones_like(y), m),
-                "ci_low": float(np.nanpercentile(samples[k], lo)), "ci_high": float(np.nanpercentile(samples[k], hi))}
-            for k, (c, m) in prepared.items()}
+    intervals = {k: percentile_interval(samples[k], level) for k in prepared}
+    return {k: {"auc": _auc_weighted(c, y, np.ones_like(y), m), "ci_low": intervals[k][0],
+                "ci_high": intervals[k][1]} for k, (c, m) in prepared.items()}
 
 
 def paired_auc_difference(y: np.ndarray, a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: int = 0,
@@ -206,9 +205,9 @@ def paired_auc_difference(y: np.ndarray, a: np.ndarray, b: np.ndarray, n_boot: i
     diffs = [_auc_weighted(ca, y, w, ma) - _auc_weighted(cb, y, w, mb) for w in bootstrap_weights(len(y), n_boot,
                                                                                                    seed)]
     ones = np.ones_like(y)
-    lo, hi = np.nanpercentile(diffs, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
-    return {"diff": _auc_weighted(ca, y, ones, ma) - _auc_weighted(cb, y, ones, mb), "ci_low": float(lo),
-            "ci_high": float(hi), "excludes_zero": bool(lo > 0 or hi < 0)}
+    lo, hi = percentile_interval(diffs, level)
+    return {"diff": _auc_weighted(ca, y, ones, ma) - _auc_weighted(cb, y, ones, mb), "ci_low": lo,
+            "ci_high": hi, "excludes_zero": bool(lo > 0 or hi < 0)}
 
 
 def recall_at_k(groups: np.ndarray, teacher: np.ndarray, student: np.ndarray, k: int) -> float:

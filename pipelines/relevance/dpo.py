@@ -34,7 +34,7 @@ from pipelines.relevance.losses import dpo_loss, nll_loss, sequence_logps
 from pipelines.relevance.model_card import copy_card, read_model_card
 from pipelines.relevance.sft import collate, tokenize_examples
 from pipelines.training.config import TrainingConfig
-from pipelines.training.runtime import TrainingWorker, run_training
+from pipelines.training.runtime import TrainingWorker, resolve_training_dtype, run_training
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,8 @@ def pair_batch(pairs: dict[str, list], rows, pad_id: int) -> tuple[dict[str, tor
 
 def dpo_step_loss(model, batch: dict[str, torch.Tensor], n: int, config: DPOConfig):
     """DPO loss (+ nll_weight * NLL of the chosen responses) of a `pair_batch`; returns (loss, metrics)."""
-    sums, token_logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    sums, token_logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                                       share_prefix=config.share_prefix)
     loss, metrics = dpo_loss(sums[:n], sums[n:], batch["ref_chosen"], batch["ref_rejected"],
                              beta=config.beta, label_smoothing=config.label_smoothing)
     nll = nll_loss(token_logps[:n], batch["loss_mask"][:n, 1:])
@@ -214,13 +215,13 @@ def train_loop(cfg: dict[str, Any]) -> None:
 
 def pairs_key(pairs_df: pd.DataFrame, sft_model_dir: Path, config: DPOConfig) -> str:
     """What the stored reference log-probs depend on: the pairs, the SFT model's files and the settings that
-    shape the sequences (length, bf16)."""
+    shape the sequences (length, resolved dtype)."""
     from pipelines.stage import path_digest
 
     h = hashlib.sha256()
     h.update(pd.util.hash_pandas_object(pairs_df[["prompt", "chosen", "rejected"]], index=False).to_numpy().tobytes())
     h.update(path_digest(sft_model_dir).encode())
-    h.update(json.dumps({"max_length": config.max_length, "bf16": config.bf16}).encode())
+    h.update(json.dumps({"max_length": config.max_length, "bf16": config.dtype == "bfloat16"}).encode())
     return h.hexdigest()
 
 
@@ -234,7 +235,7 @@ def prepare_pairs(pairs_df: pd.DataFrame, sft_model_dir: Path, config: DPOConfig
         return {"reference_seconds": 0.0, "reused": True}
     card = read_model_card(sft_model_dir)
     t0 = time.perf_counter()
-    reference, tokenizer = load_model(sft_model_dir, "bfloat16" if config.bf16 else "float32")
+    reference, tokenizer = load_model(sft_model_dir, config.dtype)  # resolved by run_dpo
     reference.to(inference_device("auto")).requires_grad_(False)
     table = tokenize_pairs(pairs_df, tokenizer, config.max_length, card.get("response_style", "post_cot"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -261,6 +262,7 @@ def run_dpo(
         raise ValueError(f"pairs_df lacks the columns {sorted(missing)}")
     if pairs_df.empty:
         raise ValueError("pairs_df holds no pairs")
+    config = resolve_training_dtype(config, mlflow_run)  # dtype auto: decided once, here on the driver
     sft_model_dir = Path(sft_model_dir).resolve()
     checkpoint_dir = Path(checkpoint_dir).resolve()
     checkpoint_dir.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,7 @@ from pipelines.relevance.losses import (
 from pipelines.relevance.model_card import copy_card, read_model_card
 from pipelines.relevance.sft import collate
 from pipelines.training.config import TrainingConfig
-from pipelines.training.runtime import TrainingWorker, run_training
+from pipelines.training.runtime import TrainingWorker, resolve_training_dtype, run_training
 
 log = logging.getLogger(__name__)
 
@@ -390,13 +390,13 @@ def add_logps(engine, reference, minis: list[dict[str, Any]], config: GRPOConfig
         for m in mini["micros"]:
             inputs = (m["input_ids"].to(device), m["attention_mask"].to(device),
                       m["loss_mask"].to(device))
-            m["old"] = sequence_logps(engine, *inputs, c.temperature)[1] if len(minis) > 1 else None
+            m["old"] = sequence_logps(engine, *inputs, c.temperature, c.share_prefix)[1] if len(minis) > 1 else None
             m["ref"] = None
             if c.beta_kl and c.lora.enabled:
                 with module.disable_adapter():
-                    m["ref"] = sequence_logps(module, *inputs, c.temperature)[1]
+                    m["ref"] = sequence_logps(module, *inputs, c.temperature, c.share_prefix)[1]
             elif c.beta_kl:
-                m["ref"] = sequence_logps(reference, *inputs, c.temperature)[1]
+                m["ref"] = sequence_logps(reference, *inputs, c.temperature, c.share_prefix)[1]
 
 
 def update_policy(engine, minis: list[dict[str, Any]], config: GRPOConfig, world: int, device) -> dict[str, float]:
@@ -411,7 +411,7 @@ def update_policy(engine, minis: list[dict[str, Any]], config: GRPOConfig, world
         for j, m in enumerate(micros):
             mask = m["loss_mask"].to(device)
             new, logits = response_logps(engine, m["input_ids"].to(device), m["attention_mask"].to(device),
-                                         mask, c.temperature)
+                                         mask, c.temperature, c.share_prefix)
             shifted = mask[:, 1:]
             loss, parts = grpo_loss(new, m["old"], m["ref"], m["advantages"].to(device), shifted,
                                     epsilon_low=c.epsilon_low, epsilon_high=c.epsilon_high, beta_kl=c.beta_kl,
@@ -467,7 +467,7 @@ class GRPOWorker(TrainingWorker):
         # The frozen reference: with LoRA, the policy with its adapters off; otherwise a second copy.
         self.reference = None
         if c.beta_kl and not c.lora.enabled:
-            self.reference, _ = load_model(self.paths["start_model"], "bfloat16" if c.bf16 else "float32")
+            self.reference, _ = load_model(self.paths["start_model"], c.dtype)  # resolved by the driver
             self.reference.eval().requires_grad_(False)
         prompts = pq.read_table(self.paths["prompts"]).to_pydict()
         self.prompt_ids, self.gold = prompts["prompt_ids"], prompts["label"]
@@ -607,6 +607,7 @@ def run_grpo(
 ) -> dict[str, Any]:
     """GRPO of the SFT or DPO model in `sft_or_dpo_model_dir` on judgments `train_rows` (query, title,
     description, label: the gold level); writes `out_dir/model` and returns the training summary."""
+    config = resolve_training_dtype(config, mlflow_run)  # dtype auto: decided once, here on the driver
     start_model_dir = Path(sft_or_dpo_model_dir).resolve()
     checkpoint_dir = Path(checkpoint_dir).resolve()
     checkpoint_dir.mkdir(parents=True, exist_ok=True)

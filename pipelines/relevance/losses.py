@@ -28,6 +28,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pipelines.training.modeling import causal_lm_parts  # noqa: F401 (used by the trainers through here)
+from pipelines.training.shared_prefix import prefix_hidden_states
+
 GRPO_LOSS_TYPES = ("dapo", "bnpo", "grpo")
 ADVANTAGE_SCALES = ("group", "batch", "none")
 STD_EPS = 1e-4  # added to the reward std before dividing, as TRL does
@@ -36,34 +39,23 @@ STD_EPS = 1e-4  # added to the reward std before dividing, as TRL does
 # ------------------------------------------------------------------------------------------- log-probs
 
 
-def causal_lm_parts(model):
-    """(decoder, lm_head) of a plain causal LM, through a DeepSpeed engine and a peft wrapper; None otherwise."""
-    module = getattr(model, "module", model)  # DeepSpeed engine -> the wrapped module
-    if hasattr(module, "get_base_model"):  # peft; a disabled adapter stays disabled in the base model's layers
-        module = module.get_base_model()
-    decoder, head = getattr(module, "model", None), getattr(module, "lm_head", None)
-    config = getattr(module, "config", None)
-    if not callable(decoder) or not callable(head) or getattr(config, "final_logit_softcapping", None):
-        return None
-    return decoder, head
-
-
 def response_logps(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, temperature: float = 1.0
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, temperature: float = 1.0,
+    share_prefix: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(token_logps [B, T-1], logits [N, V])``: :func:`sequence_logps`'s per-token log-probs, and the float32
     logits (divided by ``temperature``) at the N masked target positions, in row-major order.
 
     The output layer runs at the masked positions only when the model exposes its decoder and ``lm_head``:
     prompts are most of every sequence, and on a 49k-token vocabulary the prompt logits would cost a fifth of
-    the forward FLOPs and most of its activation memory. Other callables get one full forward pass.
+    the forward FLOPs and most of its activation memory. Other callables get one full forward pass. The prefix
+    the rows share is computed once with `share_prefix` (:func:`prefix_hidden_states`).
     """
     keep = loss_mask[:, 1:].bool()
     parts = causal_lm_parts(model)
     if parts is not None and bool(keep.any()):  # an all-masked (dummy) batch keeps every parameter in the graph
-        decoder, head = parts
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        logits = head(hidden[:, :-1][keep]).float()
+        hidden = prefix_hidden_states(model, input_ids, attention_mask, share_prefix=share_prefix)
+        logits = parts[1](hidden[:, :-1][keep]).float()
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
         logits = logits.float()[keep]  # an empty selection still backpropagates (zeros) into every parameter
@@ -77,7 +69,8 @@ def response_logps(
 
 
 def sequence_logps(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, temperature: float = 1.0
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, temperature: float = 1.0,
+    share_prefix: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of the target tokens of a right- or left-padded batch.
 
@@ -90,7 +83,7 @@ def sequence_logps(
     logits (TRL's GRPOTrainer does this with its sampling temperature). The output layer runs at the response
     positions only (:func:`response_logps`).
     """
-    token_logps, _ = response_logps(model, input_ids, attention_mask, loss_mask, temperature)
+    token_logps, _ = response_logps(model, input_ids, attention_mask, loss_mask, temperature, share_prefix)
     return token_logps.sum(dim=1), token_logps
 
 

@@ -16,8 +16,10 @@ Prior correction (not in the paper; reported next to the plain argmax): per-leve
 probabilities, tuned on validation for macro-F1 (:func:`tune_prior_offsets`), show how well a model separates
 the levels when its label tokens carry a strong prior for one level.
 
-All standard metrics come from scikit-learn. Every function is pure and returns plain Python/numpy values;
-:func:`evaluate_probs` returns a JSON-serialisable dict.
+All standard metrics come from scikit-learn; the paired bootstrap (:func:`paired_bootstrap`, clusters of rows
+by query) recomputes macro-F1 and QWK from resampled confusion matrices, vectorised, with the same definitions.
+Every function is pure and returns plain Python/numpy values; :func:`evaluate_probs` returns a
+JSON-serialisable dict.
 """
 
 from __future__ import annotations
@@ -108,6 +110,120 @@ def ndcg_at_k(query_ids: np.ndarray, y_true: np.ndarray, scores: np.ndarray, k: 
             continue
         values.append(ndcg_score(group["gain"].to_numpy()[None, :], group["score"].to_numpy()[None, :], k=k))
     return float(np.mean(values)) if values else float("nan")
+
+
+# ------------------------------------------------------------------------------- paired bootstrap over queries
+
+BOOTSTRAP_N = 1000  # resamples of the evaluate stage's paired differences
+BOOTSTRAP_SEED = 0
+BOOTSTRAP_LEVEL = 0.95
+PAIRED_METRICS = ("macro_f1", "qwk")  # the differences :func:`paired_bootstrap` reports, as classification keys
+
+
+def _levels(pred: np.ndarray) -> np.ndarray:
+    """Predicted levels from levels (1-D) or level probabilities ``(n, 4)``."""
+    pred = np.asarray(pred)
+    return predicted_levels(pred) if pred.ndim == 2 else pred.astype(np.int64)
+
+
+def confusions_by_group(groups: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, n_groups: int) -> np.ndarray:
+    """One 4x4 confusion matrix (rows = true level) per group: shape ``(n_groups, 4, 4)``; ``groups`` are
+    codes ``0..n_groups-1``."""
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    if len(y_true) and not (np.isin(y_true, LEVELS_ASC).all() and np.isin(y_pred, LEVELS_ASC).all()):
+        raise ValueError("levels must be 1, 2, 3 or 4")
+    cells = (np.asarray(groups, dtype=np.int64) * 4 + y_true - 1) * 4 + y_pred - 1
+    return np.bincount(cells, minlength=n_groups * 16).reshape(n_groups, 4, 4)
+
+
+def macro_f1_from_confusion(confusion: np.ndarray) -> np.ndarray:
+    """:func:`classification_metrics`'s macro-F1 (levels 1-4, ``zero_division=0``) of confusion matrices
+    ``(..., 4, 4)`` (counts or weights), vectorised over the leading axes."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    tp = np.diagonal(confusion, axis1=-2, axis2=-1)
+    denominator = confusion.sum(axis=-1) + confusion.sum(axis=-2)  # 2 tp + fp + fn
+    f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+    return f1.mean(axis=-1)
+
+
+def qwk_from_confusion(confusion: np.ndarray) -> np.ndarray:
+    """:func:`classification_metrics`'s quadratic weighted kappa of confusion matrices ``(..., 4, 4)``,
+    vectorised; NaN where it is undefined (both sides one and the same constant level)."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    levels = np.arange(4)
+    weights = (levels[:, None] - levels[None, :]) ** 2.0
+    total = confusion.sum(axis=(-2, -1))
+    expected = confusion.sum(axis=-1)[..., :, None] * confusion.sum(axis=-2)[..., None, :]
+    observed = (weights * confusion).sum(axis=(-2, -1)) * total
+    chance = (weights * expected).sum(axis=(-2, -1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(chance > 0, 1.0 - observed / np.where(chance > 0, chance, 1.0), np.nan)
+
+
+def paired_bootstrap_samples(
+    y_true: np.ndarray,
+    query_ids: np.ndarray,
+    pred_a: np.ndarray,
+    pred_b: np.ndarray,
+    n_boot: int = BOOTSTRAP_N,
+    seed: int = BOOTSTRAP_SEED,
+) -> dict[str, np.ndarray]:
+    """The resampled differences behind :func:`paired_bootstrap`: ``{"macro_f1": (n_boot,), "qwk": (n_boot,)}``
+    of model A minus model B, one per resample of the queries (NaN where a resample's QWK is undefined).
+
+    Vectorised: one confusion matrix per query and model; a resample's confusion matrix is the sum of its
+    drawn queries' (weighted by how often each was drawn), and its metrics come from that matrix.
+    """
+    from pipelines.bootstrap import resample_counts
+
+    y_true = np.asarray(y_true, dtype=np.int64)
+    a, b = _levels(pred_a), _levels(pred_b)
+    if not len(y_true) == len(a) == len(b) == len(query_ids):
+        raise ValueError(f"rows differ: {len(y_true)} labels, {len(query_ids)} query ids, {len(a)} and {len(b)} "
+                         "predictions")
+    groups, uniques = pd.factorize(np.asarray(query_ids))
+    n_queries = len(uniques)
+    counts = np.stack(list(resample_counts(n_queries, n_boot, seed))).astype(np.float64)  # (n_boot, n_queries)
+    resampled = []
+    for pred in (a, b):
+        per_query = confusions_by_group(groups, y_true, pred, n_queries).reshape(n_queries, 16)
+        confusion = (counts @ per_query).reshape(n_boot, 4, 4)
+        resampled.append({"macro_f1": macro_f1_from_confusion(confusion), "qwk": qwk_from_confusion(confusion)})
+    return {metric: resampled[0][metric] - resampled[1][metric] for metric in PAIRED_METRICS}
+
+
+def paired_bootstrap(
+    y_true: np.ndarray,
+    query_ids: np.ndarray,
+    pred_a: np.ndarray,
+    pred_b: np.ndarray,
+    n_boot: int = BOOTSTRAP_N,
+    seed: int = BOOTSTRAP_SEED,
+    level: float = BOOTSTRAP_LEVEL,
+) -> dict[str, Any]:
+    """Macro-F1 and QWK of model A minus model B on the same rows, with a paired cluster bootstrap over queries.
+
+    ``pred_a`` and ``pred_b`` are predicted levels (1-D) or level probabilities ``(n, 4)`` (argmax level) of
+    the rows of ``y_true``; ``query_ids`` names each row's query. Each resample draws as many queries as there
+    are, with replacement (:func:`pipelines.bootstrap.resample_counts`): all rows of a drawn query come along,
+    and a query drawn twice counts twice; both models are scored on that same resample
+    (:func:`paired_bootstrap_samples`). ``diff`` is the difference of :func:`classification_metrics` on the
+    rows as they are; ``ci_low``/``ci_high`` the percentile interval of the resampled differences (resamples
+    where QWK is undefined are left out). Deterministic given ``seed``. JSON-serialisable: ``{"n",
+    "n_queries", "n_boot", "seed", "level", "macro_f1": {"diff", "ci_low", "ci_high"}, "qwk": {...}}``.
+    """
+    from pipelines.bootstrap import percentile_interval
+
+    samples = paired_bootstrap_samples(y_true, query_ids, pred_a, pred_b, n_boot, seed)
+    y_true = np.asarray(y_true, dtype=np.int64)
+    one_hot = np.eye(4)  # classification_metrics takes probabilities; a one-hot row's argmax is its level
+    point_a, point_b = (classification_metrics(y_true, one_hot[_levels(pred) - 1]) for pred in (pred_a, pred_b))
+    out: dict[str, Any] = {"n": int(len(y_true)), "n_queries": int(len(pd.unique(np.asarray(query_ids)))),
+                           "n_boot": int(n_boot), "seed": int(seed), "level": float(level)}
+    for metric in PAIRED_METRICS:
+        lo, hi = percentile_interval(samples[metric], level)
+        out[metric] = {"diff": float(point_a[metric] - point_b[metric]), "ci_low": lo, "ci_high": hi}
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ tiers

@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -35,7 +35,9 @@ from transformers import (
 )
 
 from pipelines.relevance.prompts import INSTRUCTION, LEVEL_NAMES, PLAIN_RESPONSE_HEADER
+from pipelines.training.config import Dtype
 from pipelines.training.modeling import load_model, save_model, torch_dtype  # noqa: F401 (this package's API)
+from pipelines.training.precision import check_dtype, resolve_dtype
 
 TINY = "tiny"
 SMOLLM2 = "smollm2-135m"
@@ -58,7 +60,8 @@ class ModelConfig:
             "or a local Hugging Face model folder."
         },
     )
-    dtype: str = field(default="float32", metadata={"help": 'Parameter dtype: "float32" or "bfloat16".'})
+    dtype: Dtype = field(default="float32", metadata={"help": 'Parameter dtype: "float32", "bfloat16" or "auto" '
+                                                        '(bf16 where this machine measures bf16 matmuls fast).'})
     hidden_size: int = field(default=64, metadata={"help": "Tiny model: hidden size."})
     num_hidden_layers: int = field(default=2, metadata={"help": "Tiny model: number of decoder layers."})
     num_attention_heads: int = field(default=4, metadata={"help": "Tiny model: attention heads."})
@@ -80,7 +83,7 @@ class ModelConfig:
     seed: int = field(default=42, metadata={"help": "Tiny model: seed for weight initialisation."})
 
     def __post_init__(self) -> None:
-        torch_dtype(self.dtype)  # validate early
+        check_dtype(self.dtype)  # validate early (build_config refuses a bad value too, naming the choices)
 
 
 # --------------------------------------------------------------------------------------------- tiny model
@@ -231,8 +234,11 @@ def load_model_and_tokenizer(cfg: ModelConfig, train_texts: Iterable[str] | None
     """Dispatch on ``cfg.name``: ``"tiny"`` | ``"smollm2-135m"`` | a local folder. Returns ``(model, tokenizer)``.
 
     For ``"tiny"`` the tokenizer is trained on ``train_texts`` plus the prompt instruction text, so the
-    fixed parts of every prompt get compact tokens.
+    fixed parts of every prompt get compact tokens. ``dtype: auto`` is resolved for the CPU, where the model is
+    built or loaded.
     """
+    if cfg.dtype == "auto":
+        cfg = replace(cfg, dtype=resolve_dtype(cfg.dtype, "cpu"))
     if cfg.name == TINY:
         texts = [INSTRUCTION, PLAIN_RESPONSE_HEADER, *LEVEL_NAMES.values(), *(train_texts or [])]
         tokenizer = build_tiny_tokenizer(texts, cfg.vocab_size, model_max_length=cfg.max_position_embeddings)

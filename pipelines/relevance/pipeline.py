@@ -19,6 +19,7 @@ import pandas as pd
 
 from pipelines.config import check_override_stages, load_stage_config
 from pipelines.stage import StageContext, StageResult, run_stage
+from pipelines.training.config import Dtype
 
 PIPELINE = "taosr1"
 STAGES = ("prepare", "rationales", "baselines", "sft", "evaluate")
@@ -31,6 +32,13 @@ EVALUATED_MODEL = {"evaluate": "sft", "evaluate_no_cot": "sft_no_cot", "evaluate
 ALL_STAGES = STAGES + ABLATION + STAGE2 + RELEASE
 TRAINED_MODELS = ("grpo", "dpo", "sft")  # register's `auto` takes the first of these that has run
 VARIANT_STYLE = {"": "post_cot", "_no_cot": "no_cot", "_pre_cot": "pre_cot"}
+# The baselines stage's lexical test predictions (columns row, query_id, label, p1..p4; `row` is the test split's
+# row index): every evaluated model is compared with them on the same rows (paired bootstrap over queries).
+LEXICAL_PREDICTIONS = "lexical_test_predictions.parquet"
+# MLflow metric names of a paired difference's fields (`<model>.test.vs_lexical.<name>` in evaluate,
+# `gate.<name>` in promote): constants, never built from data.
+PAIRED_METRIC_NAMES = {(metric, stat): f"{metric}_{stat}"
+                       for metric in ("macro_f1", "qwk") for stat in ("diff", "ci_low", "ci_high")}
 
 
 @dataclass
@@ -38,8 +46,9 @@ class EvaluateConfig:
     """Settings of the `evaluate` stage (prefill-only first-token scoring, CumPT)."""
 
     batch_size: int = field(default=16, metadata={"help": "Prompts per forward pass."})
-    dtype: str = field(default="float32", metadata={"help": "Scoring dtype: float32 or bfloat16 (faster on CPUs "
-                                                              "with AMX; check accuracy holds)."})
+    dtype: Dtype = field(default="float32", metadata={"help": "Scoring dtype: float32, bfloat16 (faster on CPUs "
+                                                                "with AMX; check accuracy holds) or auto (bf16 where "
+                                                                "this machine measures bf16 matmuls fast)."})
     device: str = field(default="auto", metadata={"help": 'Where to score: "auto" (a CUDA GPU if present, else CPU), '
                                                           '"cpu", "cuda", ...'})
     max_length: int = field(default=512, metadata={"help": "Longest prompt in tokens (longer keep their end)."})
@@ -119,6 +128,19 @@ def stage_config(stage: str, spec: RunSpec):
     raise ValueError(f"unknown taosr1 stage {stage!r}; stages are: {', '.join(ALL_STAGES)}")
 
 
+def _resolve_dtype(cfg, device: str, threads: int | None = None):
+    """`cfg` with its `dtype` resolved once for this stage on this machine (`auto`: bf16 only where the matmul
+    benchmark measures it fast), the choice and both peaks logged to the stage's MLflow run."""
+    from pipelines.tracking.runs import log_precision
+    from pipelines.training.precision import describe, precision_choice
+
+    choice = precision_choice(cfg.dtype, device, threads)
+    if cfg.dtype == "auto":
+        print(describe(choice), flush=True)
+    log_precision(choice)
+    return replace(cfg, dtype=choice["dtype_resolved"])
+
+
 def _read_splits(folder: Path) -> dict[str, pd.DataFrame]:
     from pipelines.data.relevance import read_split
 
@@ -166,10 +188,16 @@ def baselines(spec: RunSpec) -> StageResult:
     def body(ctx: StageContext) -> dict[str, Any]:
         splits = _read_splits(ctx.inputs["prepare"])
         results = run_baselines(splits["train"], splits["val"], splits["test"], ctx.config)
+        lexical = results["lexical"]["test_probs"] if "lexical" in results else None
+        if lexical is not None:
+            frame = _prediction_frame(splits["test"], lexical)
+            frame.to_parquet(ctx.work_dir / LEXICAL_PREDICTIONS, index=False)
         summary = {}
         for name, result in results.items():
-            metrics = _evaluate_and_log(ctx, name, splits, result["val_probs"], result["test_probs"])
-            summary[name] = {"test": metrics["test"], "tiers": metrics["tiers"], "seconds": result["seconds"]}
+            metrics = _evaluate_and_log(ctx, name, splits, result["val_probs"], result["test_probs"],
+                                        None if name == "lexical" else lexical)
+            summary[name] = {"test": metrics["test"], "tiers": metrics["tiers"], "seconds": result["seconds"],
+                             "vs_lexical": metrics["vs_lexical"]}
         return summary
 
     return _stage(spec, "baselines", {"prepare": _dir(spec, "prepare")}, body)
@@ -195,13 +223,14 @@ def evaluate(spec: RunSpec, stage: str = "evaluate") -> StageResult:
 
     def body(ctx: StageContext) -> dict[str, Any]:
         splits = _read_splits(ctx.inputs["prepare"])
-        cfg: EvaluateConfig = ctx.config
+        cfg: EvaluateConfig = _resolve_dtype(ctx.config, ctx.config.device)
         if cfg.max_examples:
             splits = {k: v.sample(n=min(len(v), cfg.max_examples), random_state=cfg.seed).sort_index()
                       for k, v in splits.items()}
         probs = score_model(ctx.inputs["model"] / "model", {s: splits[s] for s in ("val", "test")}, style, cfg)
         name = f"sft_{style}" if sft_stage.startswith("sft") else sft_stage
-        metrics = _evaluate_and_log(ctx, name, splits, probs["val"], probs["test"])
+        lexical = _read_lexical(ctx.inputs["lexical"], splits["test"]) if "lexical" in ctx.inputs else None
+        metrics = _evaluate_and_log(ctx, name, splits, probs["val"], probs["test"], lexical)
         for split in ("val", "test"):
             frame = splits[split][["query_id", "item_id", "label"]].copy()
             frame[["p1", "p2", "p3", "p4"]] = probs[split]
@@ -216,9 +245,43 @@ def evaluate(spec: RunSpec, stage: str = "evaluate") -> StageResult:
             hallucination = decoded_hallucination(ctx.inputs["model"] / "model", splits["test"], cfg, style)
             mlflow.log_metric(f"{name}.test.hallucination_rate", hallucination["rate"])
         return {"test": metrics["test"], "tiers": metrics.get("tiers", {}), "style": style,
-                "malformed": probs.get("malformed", 0), "hallucination": hallucination}
+                "malformed": probs.get("malformed", 0), "hallucination": hallucination,
+                "vs_lexical": metrics["vs_lexical"]}
 
-    return _stage(spec, stage, {"prepare": _dir(spec, "prepare"), "model": _dir(spec, sft_stage)}, body)
+    inputs = {"prepare": _dir(spec, "prepare"), "model": _dir(spec, sft_stage)}
+    lexical = _lexical_predictions(spec)
+    if lexical is not None:  # without it (baselines not run, or run before it wrote them) no comparison
+        inputs["lexical"] = lexical
+    return _stage(spec, stage, inputs, body)
+
+
+def _prediction_frame(rows: pd.DataFrame, probs) -> pd.DataFrame:
+    frame = pd.DataFrame({"row": rows.index.to_numpy(), "query_id": rows["query_id"].to_numpy(),
+                          "label": rows["label"].to_numpy()})
+    frame[["p1", "p2", "p3", "p4"]] = probs
+    return frame
+
+
+def _lexical_predictions(spec: RunSpec) -> Path | None:
+    """The finished baselines stage's lexical test predictions, or None."""
+    from pipelines.stage import stage_dir
+
+    folder = stage_dir(spec.root, PIPELINE, spec.run_key, "baselines")
+    path = folder / LEXICAL_PREDICTIONS
+    return path if (folder / "manifest.json").exists() and path.exists() else None
+
+
+def _read_lexical(path: Path, test: pd.DataFrame):
+    """The lexical probabilities of `test`'s rows (all of test, or the evaluate stage's subsample of it)."""
+    frame = pd.read_parquet(path).set_index("row")
+    missing = test.index.difference(frame.index)
+    if len(missing):
+        raise ValueError(f"{path} lacks {len(missing)} test rows: the baselines stage ran on another test split")
+    frame = frame.loc[test.index]
+    if not ((frame["query_id"].to_numpy() == test["query_id"].to_numpy()).all()
+            and (frame["label"].to_numpy() == test["label"].to_numpy()).all()):
+        raise ValueError(f"{path} does not match this run's test split (query ids or labels differ)")
+    return frame[["p1", "p2", "p3", "p4"]].to_numpy(dtype="float64")
 
 
 def score_model(model_dir: Path, splits: dict[str, pd.DataFrame], style: str | None, cfg: EvaluateConfig) -> dict:
@@ -231,11 +294,12 @@ def score_model(model_dir: Path, splits: dict[str, pd.DataFrame], style: str | N
     from pipelines.relevance.prompts import build_prompt
     from pipelines.relevance.scoring import first_token_probs, generate_responses, probs_from_generations
     from pipelines.relevance.sft import MODEL_CARD
+    from pipelines.training.precision import resolve_dtype
 
     card_path = Path(model_dir) / MODEL_CARD
     card = json.loads(card_path.read_text()) if card_path.exists() else {}
     style = style or card.get("response_style", "post_cot")
-    model, tokenizer = load_model(model_dir, cfg.dtype)
+    model, tokenizer = load_model(model_dir, resolve_dtype(cfg.dtype, inference_device(cfg.device)))
     model.to(inference_device(cfg.device))
 
     def prompt(q: str, t: str, d: str) -> str:
@@ -259,11 +323,16 @@ def score_model(model_dir: Path, splits: dict[str, pd.DataFrame], style: str | N
     return out
 
 
-def _evaluate_and_log(ctx: StageContext, name: str, splits, val_probs, test_probs) -> dict[str, Any]:
-    """Metrics for val and test, CumPT tuned on val, and a confusion-matrix plot, logged to the stage run."""
+def _evaluate_and_log(ctx: StageContext, name: str, splits, val_probs, test_probs,
+                      lexical_test_probs=None) -> dict[str, Any]:
+    """Metrics for val and test, CumPT tuned on val, and a confusion-matrix plot, logged to the stage run.
+
+    With the lexical baseline's test probabilities, `vs_lexical` is the paired difference (this model minus
+    lexical) of macro-F1 and QWK on test, with its 95% interval from a bootstrap over queries; else None.
+    """
     import mlflow
 
-    from pipelines.relevance.metrics import confusion_figure, evaluate_probs
+    from pipelines.relevance.metrics import confusion_figure, evaluate_probs, paired_bootstrap
     from pipelines.tracking.runs import log_figure
 
     val, test = splits["val"], splits["test"]
@@ -276,6 +345,12 @@ def _evaluate_and_log(ctx: StageContext, name: str, splits, val_probs, test_prob
             if isinstance(v, int | float)}
     if "prior_corrected" in metrics["test"]:
         flat[f"{name}.test.prior_corrected_macro_f1"] = metrics["test"]["prior_corrected"]["macro_f1"]
+    metrics["vs_lexical"] = None
+    if lexical_test_probs is not None:
+        metrics["vs_lexical"] = paired_bootstrap(test["label"].to_numpy(), test["query_id"].to_numpy(),
+                                                 test_probs, lexical_test_probs)
+        flat.update({f"{name}.test.vs_lexical.{key}": metrics["vs_lexical"][metric][stat]
+                     for (metric, stat), key in PAIRED_METRIC_NAMES.items()})
     mlflow.log_metrics(flat)
     log_figure(confusion_figure(metrics["test"]["confusion"], f"{name} (test)"), f"{name}_confusion_test.png")
     mlflow.log_dict(metrics, f"{name}_metrics.json")
@@ -291,7 +366,8 @@ def sample(spec: RunSpec) -> StageResult:
         from pipelines.tracking.runs import log_figure
 
         train = pd.read_parquet(ctx.inputs["rationales"] / "train.parquet")
-        samples, summary = run_sampling(ctx.inputs["model"] / "model", train, ctx.config)
+        cfg = _resolve_dtype(ctx.config, "cuda" if ctx.config.use_gpu else "cpu", ctx.config.cpus_per_actor)
+        samples, summary = run_sampling(ctx.inputs["model"] / "model", train, cfg)
         samples.to_parquet(ctx.work_dir / "samples.parquet", index=False)
         curve = {int(k): float(v) for k, v in summary["pass_at_k"].items()}
         for k, value in curve.items():
@@ -420,6 +496,9 @@ def promote(spec: RunSpec) -> StageResult:
             if values:
                 mlflow.log_metrics({f"{side}.macro_f1": values["macro_f1"], f"{side}.accuracy": values["accuracy"],
                                     **{f"{side}.f1_level_{k}": v for k, v in values["f1_per_level"].items()}})
+        if decision.paired:  # the gate's interval: challenger minus champion (or the lexical baseline)
+            mlflow.log_metrics({f"gate.{key}": decision.paired[metric][stat]
+                                for (metric, stat), key in PAIRED_METRIC_NAMES.items()})
         mlflow.set_tags({"searchrel.decision": "promoted" if decision.promoted else "kept",
                          "searchrel.decision_reason": decision.reason})
         mlflow.log_dict(decision.as_dict(), "decision.json")

@@ -1,5 +1,7 @@
 """The TaoSR1 report, from stage manifests: the ablation table (baselines, each SFT variant, + DPO, + GRPO on the
-same test split), the pass@k curve of the SFT model's samples, and the discriminative hallucination rate."""
+same test split), whether each model beats the lexical baseline (paired bootstrap over queries: the difference
+in macro-F1 and QWK with its 95% interval), the pass@k curve of the SFT model's samples, and the discriminative
+hallucination rate."""
 
 from __future__ import annotations
 
@@ -33,8 +35,25 @@ def _round(row: dict[str, Any]) -> dict[str, Any]:
     return {k: round(v, 4) if isinstance(v, float) else ("" if v is None else v) for k, v in row.items()}
 
 
+def _interval(vs_lexical: dict[str, Any] | None, metric: str) -> str:
+    """`+0.012 [-0.010,+0.034]`: a paired difference against lexical and its interval; "" without one."""
+    if not vs_lexical:
+        return ""
+    d = vs_lexical[metric]
+    return f"{d['diff']:+.3f} [{d['ci_low']:+.3f},{d['ci_high']:+.3f}]"
+
+
+def _verdict(vs_lexical: dict[str, Any] | None) -> str:
+    """better / worse when the macro-F1 difference's interval lies above / below 0, n.s. when it holds 0."""
+    if not vs_lexical:
+        return ""
+    d = vs_lexical["macro_f1"]
+    return "better" if d["ci_low"] > 0 else "worse" if d["ci_high"] < 0 else "n.s."
+
+
 def _row(label: str, test: dict[str, Any], tiers: dict[str, Any] | None,
-         hallucination: dict[str, Any] | None = None) -> dict[str, Any]:
+         hallucination: dict[str, Any] | None = None,
+         vs_lexical: dict[str, Any] | None = None) -> dict[str, Any]:
     f1 = test.get("f1_per_level", {})
     row = {"model": label, "test pairs": test.get("n"), "accuracy": test.get("accuracy"),
            "macro_f1": test.get("macro_f1"),
@@ -43,7 +62,8 @@ def _row(label: str, test: dict[str, Any], tiers: dict[str, Any] | None,
            "nDCG@10": test.get("ndcg_at_10"),
            "tier F1 CumPT": (tiers or {}).get("cumpt", {}).get("test_macro_f1"),
            "tier F1 thresholds": (tiers or {}).get("thresholds", {}).get("test_macro_f1"),
-           "halluc. rate": _rate(hallucination)}
+           "halluc. rate": _rate(hallucination),
+           "dF1 [lo,hi]": _interval(vs_lexical, "macro_f1"), "dQWK [lo,hi]": _interval(vs_lexical, "qwk")}
     return _round(row)
 
 
@@ -52,20 +72,35 @@ def _rate(hallucination: dict[str, Any] | None) -> float | None:
     return hallucination["rate"] if hallucination and hallucination.get("judged") else None
 
 
-def ablation_rows(root: Path, run_key: str) -> list[dict[str, Any]]:
-    rows = []
+def _evaluated(root: Path, run_key: str) -> list[tuple[str, dict[str, Any], bool]]:
+    """(row label, the summary of its test evaluation, whether it is a baseline) for each row that has run."""
+    found = []
     base = run_dir(root, PIPELINE, run_key)
     for label, stage, key in ROWS:
         manifest = read_manifest(base / stage)
         if manifest is None:
             continue
         summary = manifest["summary"]
-        if key is not None:
-            if key in summary:
-                rows.append(_row(label, summary[key]["test"], summary[key].get("tiers")))
-        else:
-            rows.append(_row(label, summary["test"], summary.get("tiers"), summary.get("hallucination")))
-    return rows
+        if key is None:
+            found.append((label, summary, False))
+        elif key in summary:
+            found.append((label, summary[key], True))
+    return found
+
+
+def ablation_rows(root: Path, run_key: str) -> list[dict[str, Any]]:
+    """One row per evaluated model; `dF1 [lo,hi]` and `dQWK [lo,hi]` are its paired differences against the
+    lexical baseline on the same test rows (empty for lexical itself, or when the baselines had not run)."""
+    return [_row(label, s["test"], s.get("tiers"), None if baseline else s.get("hallucination"),
+                 s.get("vs_lexical")) for label, s, baseline in _evaluated(root, run_key)]
+
+
+def lexical_comparison_rows(root: Path, run_key: str) -> list[dict[str, Any]]:
+    """Whether each model beats the lexical baseline: short label, both paired intervals and the macro-F1
+    verdict (narrow: fits 80 columns); [] when no model was compared."""
+    return [{"model": label.split(" (")[0], "dF1 [lo,hi]": _interval(s["vs_lexical"], "macro_f1"),
+             "dQWK [lo,hi]": _interval(s["vs_lexical"], "qwk"), "verdict": _verdict(s["vs_lexical"])}
+            for label, s, _ in _evaluated(root, run_key) if s.get("vs_lexical")]
 
 
 def pass_at_k_rows(root: Path, run_key: str) -> list[dict[str, Any]]:
@@ -108,6 +143,14 @@ def render_report(root: Path, run_key: str) -> tuple[str, list[dict[str, Any]]]:
     if len({r["test pairs"] for r in rows}) > 1:
         text += ("\nRows with fewer test pairs were scored on a seeded subsample of test (`evaluate.max_examples`): "
                  "compare them with care, nDCG@10 most of all (fewer items per query rank more easily).\n")
+    versus = lexical_comparison_rows(root, run_key)
+    if versus:
+        boot = next(s["vs_lexical"] for _, s, _ in _evaluated(root, run_key) if s.get("vs_lexical"))
+        text += (f"\n## Against the lexical baseline\n\nModel minus lexical on the same test pairs, with the "
+                 f"{boot['level']:.0%} interval of a paired bootstrap over queries ({boot['n_boot']} "
+                 f"resamples of the {boot['n_queries']} test queries, seed {boot['seed']}). verdict: better "
+                 "(worse) when the macro-F1 interval lies above (below) 0, n.s. when it holds 0.\n\n"
+                 + tabulate(versus, headers="keys", tablefmt="github") + "\n")
     curve = pass_at_k_rows(root, run_key)
     if curve:
         text += ("\n## pass@k of the SFT model on training prompts\n\nUnbiased estimator over N samples per prompt "

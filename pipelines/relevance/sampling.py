@@ -23,7 +23,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -33,6 +33,8 @@ import torch
 
 from pipelines.relevance.model_card import read_model_card
 from pipelines.relevance.prompts import DEFAULT_STYLE, format_response, parse_label
+from pipelines.training.config import Dtype
+from pipelines.training.precision import resolve_dtype
 
 BACKENDS = ("hf", "vllm")
 KINDS = ("self_correction", "oracle")
@@ -62,14 +64,16 @@ class SampleConfig:
     )
     cpus_per_actor: int = field(default=2, metadata={"help": "CPUs per actor; also its torch thread count."})
     use_gpu: bool = field(default=False, metadata={"help": "One GPU per actor (the gpu profile)."})
-    dtype: str = field(default="float32", metadata={"help": "Model dtype while sampling: float32 or bfloat16."})
+    dtype: Dtype = field(default="float32", metadata={
+        "help": "Model dtype while sampling: float32, bfloat16 or auto (bf16 where this machine measures bf16 "
+                "matmuls fast; resolved once by the stage, for its device)."})
     backend: str = field(
         default="hf", metadata={"help": '"hf" (transformers, own decode loop) or "vllm" (gpu profile; a seam).'}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the prompt subsample and of every sample."})
 
     def __post_init__(self) -> None:
-        from pipelines.relevance.models import torch_dtype
+        from pipelines.training.precision import check_dtype
 
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
@@ -81,7 +85,7 @@ class SampleConfig:
             raise ValueError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k}, {self.top_p}")
         if self.num_actors < 0 or self.cpus_per_actor < 1 or self.max_prompts < 0 or self.seed < 0:
             raise ValueError("num_actors, max_prompts and seed must be >= 0 and cpus_per_actor >= 1")
-        torch_dtype(self.dtype)
+        check_dtype(self.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ samplers
@@ -146,7 +150,7 @@ class HFSampler:
     def from_dir(cls, model_dir: str | Path, config: SampleConfig) -> HFSampler:
         from pipelines.relevance.models import load_model
 
-        model, tokenizer = load_model(model_dir, config.dtype)
+        model, tokenizer = load_model(model_dir, resolve_dtype(config.dtype, "cuda" if config.use_gpu else "cpu"))
         if config.use_gpu:
             model = model.to("cuda")
         return cls(model, tokenizer, config)
@@ -393,7 +397,7 @@ def decoded_hallucination(model_dir: str | Path, rows: pd.DataFrame, config, sty
     n = config.hallucination_examples
     if 0 < n < len(rows):
         rows = rows.sample(n=n, random_state=config.seed).sort_index()
-    model, tokenizer = load_model(model_dir, config.dtype)
+    model, tokenizer = load_model(model_dir, resolve_dtype(config.dtype, inference_device(config.device)))
     model.to(inference_device(config.device))
     descriptions = rows["description"].fillna("") if "description" in rows else [""] * len(rows)
     prompts = [build_prompt(tokenizer, str(q), str(t), str(d), card.get("max_description_chars", 300),
@@ -560,6 +564,9 @@ def run_sampling(model_dir: Path, rows: pd.DataFrame, config: SampleConfig,
     from transformers import AutoTokenizer
 
     model_dir = Path(model_dir)
+    if config.dtype == "auto":  # once, here, so every actor samples in the same precision
+        config = replace(config, dtype=resolve_dtype(config.dtype, "cuda" if config.use_gpu else "cpu",
+                                                     config.cpus_per_actor))
     if config.backend == "vllm":
         VLLMSampler(model_dir, config)  # fails early with the reason
     card = read_model_card(model_dir)

@@ -8,89 +8,33 @@ Batches are grouped by length to keep padding small, and the token prefix every 
 prompt, instruction) is computed once and its KV cache reused.
 
 How a batch reads the shared prefix: models built on transformers' attention interface (Llama, Qwen, ...) with
-SDPA attention get `shared_prefix_sdpa`, which broadcasts the prefix's batch-1 keys and values over the batch
-inside each attention call (no per-batch copy of the cache) and, on CPU, lets SDPA read the grouped key/value
-heads directly. Other models get the prefix cache copied per batch. Both give the same probabilities.
+SDPA attention get `shared_prefix_sdpa` (`pipelines.training.shared_prefix`, the same code the trainers use),
+which broadcasts the prefix's batch-1 keys and values over the batch inside each attention call (no per-batch
+copy of the cache) and, on CPU, lets SDPA read the grouped key/value heads directly. Other models get the
+prefix cache copied per batch. Both give the same probabilities.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import numpy as np
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from pipelines.relevance.prompts import parse_label
+from pipelines.training.shared_prefix import (  # noqa: F401 (SharedPrefix and use_... are this module's API too)
+    SHARED_PREFIX_ATTENTION,
+    SharedPrefix,
+    attention_implementation,
+    common_prefix_length,
+    prefix_attention_mask,
+    reads_prefix_in_attention,
+    use_shared_prefix_attention,
+)
 
 LEVELS = (1, 2, 3, 4)  # probability columns are ordered by level: column j is level j + 1
-SHARED_PREFIX_ATTENTION = "sdpa_shared_prefix"
-
-
-class SharedPrefix:
-    """The keys and values of a prefix every row of a batch starts with, computed once with batch size 1."""
-
-    def __init__(self, cache):
-        self.layers = [(layer.keys, layer.values) for layer in cache.layers]
-        self.length = self.layers[0][0].shape[-2]
-        self.reads = 0  # attention calls that read it in the last forward pass: a check that it reached them
-
-
-def shared_prefix_sdpa(module, query, key, value, attention_mask, *, shared_prefix: SharedPrefix | None = None,
-                       **kwargs):
-    """SDPA over [shared prefix; this batch's own tokens]; plain SDPA when no prefix is passed.
-
-    `attention_mask` covers prefix + own tokens (4-D, True = attend), as `first_token_probs` builds it.
-    """
-    if shared_prefix is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    shared_prefix.reads += 1
-    prefix_key, prefix_value = shared_prefix.layers[module.layer_idx]
-    batch = query.shape[0]
-    key = torch.cat([prefix_key.expand(batch, -1, -1, -1), key], dim=2)
-    value = torch.cat([prefix_value.expand(batch, -1, -1, -1), value], dim=2)
-    if query.device.type != "cpu":  # CUDA's SDPA falls back to its math kernel for grouped heads with a mask
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                                           scale=kwargs.get("scaling"), enable_gqa=True)
-    return out.transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_sdpa)
-AttentionMaskInterface.register(SHARED_PREFIX_ATTENTION, sdpa_mask)
-
-
-def reads_prefix_in_attention(model) -> bool:
-    """Whether the model routes attention through transformers' interface with SDPA, so `shared_prefix_sdpa`
-    can stand in for it."""
-    return bool(getattr(model, "_supports_attention_backend", False)) and \
-        model.config._attn_implementation in ("sdpa", SHARED_PREFIX_ATTENTION)
-
-
-def use_shared_prefix_attention(model) -> None:
-    """Make `shared_prefix_sdpa` the model's attention for good (it is plain SDPA whenever no prefix is passed).
-
-    For a model that only scores, such as a served one: `first_token_probs` otherwise switches the attention
-    for the length of a call, and concurrent requests would switch it under each other."""
-    if reads_prefix_in_attention(model):
-        model.set_attn_implementation(SHARED_PREFIX_ATTENTION)
-
-
-@contextmanager
-def _attention_implementation(model, name: str):
-    before = model.config._attn_implementation
-    if before == name:
-        yield
-        return
-    model.set_attn_implementation(name)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(before)
 
 
 def last_position(device) -> torch.Tensor:
@@ -126,18 +70,6 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     return input_ids, mask, positions
 
 
-def common_prefix_length(token_ids: Sequence[Sequence[int]]) -> int:
-    """Tokens shared by the start of every sequence (the instruction and chat header of every prompt)."""
-    first = token_ids[0]
-    n = min(len(t) for t in token_ids)
-    for seq in token_ids[1:]:
-        i = 0
-        while i < n and seq[i] == first[i]:
-            i += 1
-        n = i
-    return n
-
-
 def _prefill(model, tokens: Sequence[int], cache=None, start: int = 0):
     """KV cache of `tokens` (positions `start`...), continuing `cache` (left untouched) when one is given."""
     kwargs = {"cache": copy.deepcopy(cache)} if cache is not None else {}
@@ -171,17 +103,11 @@ def _score_batch_on_shared_prefix(model, suffixes: Sequence[Sequence[int]], pref
                                   label_index: torch.Tensor) -> np.ndarray:
     """Scores a batch whose attention reads `prefix` in place (the model runs `shared_prefix_sdpa`)."""
     input_ids, mask, positions = (t.to(model.device) for t in left_pad(suffixes, pad_id))
-    width = input_ids.shape[1]
-    own = torch.tril(torch.ones((width, width), dtype=torch.bool, device=mask.device)) & mask.bool()[:, None, :]
-    to_prefix = torch.ones((len(suffixes), width, prefix.length), dtype=torch.bool, device=mask.device)
-    attention_mask = torch.cat([to_prefix, own], dim=-1)[:, None]  # padding rows still see the prefix: no NaN
     prefix.reads = 0
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions + prefix.length,
-                   logits_to_keep=last_position(model.device), use_cache=False, shared_prefix=prefix).logits
-    if prefix.reads != len(prefix.layers):
-        raise RuntimeError(f"{type(model).__name__}: {prefix.reads} of {len(prefix.layers)} attention layers read "
-                           "the shared prefix; this architecture does not pass attention kwargs through. "
-                           "Score it with share_prefix=False.")
+    logits = model(input_ids=input_ids, attention_mask=prefix_attention_mask(mask, prefix.length),
+                   position_ids=positions + prefix.length, logits_to_keep=last_position(model.device),
+                   use_cache=False, shared_prefix=prefix).logits
+    prefix.check_read_by(model)
     return _label_probs(logits, label_index)
 
 
@@ -256,7 +182,7 @@ def first_token_probs(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(prompts), desc="scoring", unit="pair", mininterval=2.0)
-    with _attention_implementation(model, SHARED_PREFIX_ATTENTION) if in_attention else nullcontext():
+    with attention_implementation(model, SHARED_PREFIX_ATTENTION) if in_attention else nullcontext():
         for rows, prefix_len in units:
             cache = shared_cache
             if prefix_len > shared:

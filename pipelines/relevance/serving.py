@@ -27,6 +27,8 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
+from pipelines.training.config import Dtype
+
 SERVING_CARD = "serving.json"
 INPUT_COLUMNS = ("query", "title", "description")
 OUTPUT_COLUMNS = ("level", "p1", "p2", "p3", "p4", "expected_relevance", "tier", "truncated", "note")
@@ -45,7 +47,9 @@ class ServingSettings:
     max_query_chars: int = field(default=200, metadata={"help": "Longer queries are cut (and say so)."})
     max_title_chars: int = field(default=300, metadata={"help": "Longer titles are cut (and say so)."})
     batch_size: int = field(default=32, metadata={"help": "Pairs per forward pass."})
-    dtype: str = field(default="float32", metadata={"help": "Scoring dtype: float32 or bfloat16."})
+    dtype: Dtype = field(default="float32", metadata={
+        "help": "Scoring dtype: float32, bfloat16 or auto (resolved where the model is loaded: bf16 only where "
+                "that machine measures bf16 matmuls fast)."})
     device: str = field(default="auto", metadata={"help": 'Where to score: "auto" (a CUDA GPU if present, else '
                                                           'CPU), "cpu", "cuda", "cuda:1", ...'})
     max_length: int = field(default=512, metadata={"help": "Longest prompt in tokens."})
@@ -90,8 +94,9 @@ class PairScorer:
 
     def __init__(self, model_dir: str | Path, settings: ServingSettings | None = None) -> None:
         from pipelines.relevance.models import inference_device, label_token_ids, load_model
-        from pipelines.relevance.scoring import use_shared_prefix_attention
         from pipelines.relevance.sft import MODEL_CARD
+        from pipelines.training.precision import resolve_dtype
+        from pipelines.training.shared_prefix import use_shared_prefix_attention
 
         self.model_dir = Path(model_dir)
         card_path = self.model_dir / MODEL_CARD
@@ -100,7 +105,9 @@ class PairScorer:
             raise ValueError(f"{self.model_dir} was trained pre-CoT (label last): first-token scoring does not "
                              "apply; serve a post-CoT or no-CoT model")
         self.settings = settings or ServingSettings()
-        self.model, self.tokenizer = load_model(self.model_dir, self.settings.dtype)
+        # `auto` is decided here, on the machine that serves (the registering one may differ).
+        self.dtype = resolve_dtype(self.settings.dtype, inference_device(self.settings.device))
+        self.model, self.tokenizer = load_model(self.model_dir, self.dtype)
         self.model.to(inference_device(self.settings.device)).eval()
         use_shared_prefix_attention(self.model)
         self.label_ids = label_token_ids(self.tokenizer, self.prompt("q", "t", "d"))

@@ -31,7 +31,9 @@ import torch
 from pipelines.relevance.model_card import MODEL_CARD
 from pipelines.relevance.models import ModelConfig
 from pipelines.training.config import TrainingConfig
-from pipelines.training.runtime import TrainingWorker, run_training
+from pipelines.training.modeling import causal_lm_parts
+from pipelines.training.runtime import TrainingWorker, resolve_training_dtype, run_training
+from pipelines.training.shared_prefix import prefix_hidden_states
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +166,7 @@ def collate(input_ids: list[list[int]], starts: list[int], pad_id: int,
 
 def response_loss(model, batch: dict[str, torch.Tensor], level_ids: torch.Tensor | None = None,
                   level_loss_weight: float = 0.0, token_total: float | None = None,
-                  level_total: float | None = None) -> torch.Tensor:
+                  level_total: float | None = None, share_prefix: bool = True) -> torch.Tensor:
     """Weighted token-mean cross-entropy over response tokens (equals the HF loss when all weights are 1), plus
     `level_loss_weight` x the weighted mean 4-way cross-entropy over the logits of `level_ids` (the tokens of
     levels 1-4) at each pair's label position, when the batch carries levels (see :func:`collate`).
@@ -175,15 +177,14 @@ def response_loss(model, batch: dict[str, torch.Tensor], level_ids: torch.Tensor
 
     The output layer runs only at response positions: the prompt is most of each sequence, and on a
     49k-token vocabulary its logits would cost a fifth of the model's FLOPs and most of its activation memory.
+    With `share_prefix` the instruction every prompt starts with is computed once per micro-batch
+    (:func:`pipelines.training.shared_prefix.prefix_hidden_states`): same loss and gradients.
     """
-    from pipelines.relevance.losses import causal_lm_parts
-
     parts = causal_lm_parts(model)
     if parts is None:
         raise TypeError(f"{type(model).__name__} has no decoder + lm_head to train with this loss")
-    decoder, lm_head = parts
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     use_cache=False).last_hidden_state
+    lm_head = parts[1]
+    hidden = prefix_hidden_states(model, batch["input_ids"], batch["attention_mask"], share_prefix=share_prefix)
     weights = batch["weights"][:, 1:]
     keep = weights > 0
     logits = lm_head(hidden[:, :-1][keep])
@@ -251,7 +252,7 @@ class SFTWorker(TrainingWorker):
                             [self.train["label"][i] for i in mine], self.level_weight[mine])
             token_total, level_total = (self.global_sum(loss_totals(batch)) / self.world).tolist()
             loss = response_loss(self.engine, {k: v.to(self.device) for k, v in batch.items()}, level_ids,
-                                 c.level_loss_weight, token_total, level_total)
+                                 c.level_loss_weight, token_total, level_total, c.share_prefix)
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.item())
@@ -345,6 +346,7 @@ def run_sft(
     """Fine-tune on `train_rows` (with rationales) and write `out_dir/model`; returns the training summary.
     A killed run resumes from its last checkpoint in `checkpoint_dir` when the data, the initial model and
     the result-changing settings are unchanged; otherwise it starts fresh and says why."""
+    config = resolve_training_dtype(config, mlflow_run)  # dtype auto: decided once, here on the driver
     loop_cfg = prepare_inputs(train_rows, val_rows, config, checkpoint_dir, out_dir, mlflow_run)
     paths = {k: Path(v) for k, v in loop_cfg["paths"].items()}
     run_training(train_loop, loop_cfg, config, checkpoint_dir, "sft",

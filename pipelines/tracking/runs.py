@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,28 @@ def log_summary(summary: Mapping[str, Any]) -> None:
     if metrics:
         mlflow.log_metrics(metrics)
     mlflow.log_dict(dict(summary), "summary.json")
+
+
+def log_precision(choice: Mapping[str, Any], mlflow_run: Mapping[str, str] | None = None) -> None:
+    """A stage's precision decision (`pipelines.training.precision.precision_choice`): param `dtype_resolved`,
+    metrics `peak_gflops_fp32` / `peak_gflops_bf16` when measured, tag `searchrel.dtype_resolved`. Into the run
+    `mlflow_run` (tracking_uri, run_id: the training drivers') or else the active run; nothing without either.
+    A retry that resolves differently (another machine) keeps the first param (MLflow params are immutable);
+    the tag holds the latest."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    if mlflow_run:
+        client, run_id = MlflowClient(tracking_uri=mlflow_run["tracking_uri"]), mlflow_run["run_id"]
+    elif mlflow.active_run() is not None:
+        client, run_id = MlflowClient(), mlflow.active_run().info.run_id
+    else:
+        return
+    resolved = str(choice["dtype_resolved"])
+    existing = client.get_run(run_id).data.params
+    params = [] if "dtype_resolved" in existing else [Param("dtype_resolved", resolved)]
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(choice[k]), now, 0) for k in ("peak_gflops_fp32", "peak_gflops_bf16") if k in choice]
+    client.log_batch(run_id, metrics=metrics, params=params, tags=[RunTag("searchrel.dtype_resolved", resolved)])
 
 
 def log_dataset(df, *, source: str, name: str, digest: str, context: str) -> None:

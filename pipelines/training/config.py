@@ -10,11 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+# A model or training precision. "auto" is resolved by the driver (`pipelines.training.precision.resolve_dtype`):
+# bf16 only where this machine measures it fast; a config holds the name, never a torch dtype (no ML import here).
+Dtype = Literal["auto", "float32", "bfloat16"]
+
 # Fields that decide how often something is logged, saved or checked, or where and with how many processes the
 # work runs: changing them between a kill and the rerun must not throw the checkpoint away.
 NOT_RESULT_CHANGING = frozenset({
     "logging_steps", "save_steps", "eval_steps", "max_failures", "cpus_per_worker", "memory_per_worker_gb",
-    "num_workers", "use_gpu", "max_val_examples",
+    "num_workers", "use_gpu", "max_val_examples", "share_prefix",
 })
 
 
@@ -53,7 +57,11 @@ class TrainingConfig:
     eval_steps: int = field(
         default=0, metadata={"help": "Run the trainer's validation every N steps (0 = at the end only)."})
     seed: int = field(default=0, metadata={"help": "Seed of the data order, dropout and sampling."})
-    bf16: bool = field(default=False, metadata={"help": "DeepSpeed bf16 mode (bf16 weights, fp32 master copy)."})
+    dtype: Dtype = field(default="float32", metadata={
+        "help": "Training precision: float32; bfloat16 (DeepSpeed bf16 mode: bf16 weights, fp32 master copy; TRL's "
+                "bf16=True); or auto: bf16 only where a matmul benchmark measured on this machine shows it at least "
+                "1.2x faster than fp32 (pipelines/training/precision.py), resolved once by the driver so every "
+                "worker trains in the same precision."})
     zero_stage: Literal[0, 1, 2, 3] = field(
         default=2,
         metadata={"help": "DeepSpeed ZeRO stage: 2 shards optimizer state and gradients, 3 the weights too (no "
@@ -61,7 +69,7 @@ class TrainingConfig:
     deepspeed_config: str = field(default="", metadata={
         "help": "A DeepSpeed JSON file (absolute, or relative to the repo) merged over the config built from these "
                 "fields, for tuning knobs they do not cover (bucket sizes, overlap, ZeRO-3 prefetch). Its batch "
-                "sizes, ZeRO stage and bf16 must agree with the fields; e.g. infra/deepspeed/zero3.json."})
+                "sizes, ZeRO stage and bf16 (dtype) must agree with the fields; e.g. infra/deepspeed/zero3.json."})
     num_workers: int = field(default=1, metadata={"help": "Ray Train workers (data-parallel ranks)."})
     cpus_per_worker: int = field(default=2, metadata={"help": "CPUs per worker; also its torch thread count."})
     use_gpu: bool = field(default=False, metadata={"help": "One GPU per worker (nccl); else gloo on CPUs."})
@@ -72,6 +80,11 @@ class TrainingConfig:
         metadata={"help": "Times Ray Train restarts the worker group from the last checkpoint after a worker is "
                   "lost, inside the same job (0 = fail the job at once; -1 = no limit)."})
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA settings."})
+    share_prefix: bool = field(
+        default=True,
+        metadata={"help": "Compute the token prefix every sequence of a micro-batch shares (the instruction; the "
+                  "whole prompt of one DPO pair or GRPO group) once, with the same loss and gradients "
+                  "(pipelines/training/shared_prefix.py). Off: full sequences, for comparison."})
 
     def __post_init__(self) -> None:
         if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:

@@ -15,7 +15,11 @@ _CONFLICTING_WEIGHTS = ("model.safetensors.index.json", "pytorch_model.bin", "py
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    """Map ``"float32"``/``"bfloat16"`` to the torch dtype."""
+    """Map ``"float32"``/``"bfloat16"`` to the torch dtype (``"auto"`` is resolved first, for a device:
+    ``pipelines.training.precision.resolve_dtype``)."""
+    if name == "auto":
+        raise ValueError("dtype auto must be resolved for the device first (pipelines.training.precision."
+                         "resolve_dtype): it is bf16 only where this machine measures bf16 matmuls fast")
     try:
         return _DTYPES[name]
     except KeyError:
@@ -92,3 +96,15 @@ def load_model(model_dir: str | os.PathLike, dtype: str | None = None) -> tuple[
     )
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
     return model, tokenizer
+
+
+def causal_lm_parts(model):
+    """(decoder, lm_head) of a plain causal LM, through a DeepSpeed engine and a peft wrapper; None otherwise."""
+    module = getattr(model, "module", model)  # DeepSpeed engine -> the wrapped module
+    if hasattr(module, "get_base_model"):  # peft; a disabled adapter stays disabled in the base model's layers
+        module = module.get_base_model()
+    decoder, head = getattr(module, "model", None), getattr(module, "lm_head", None)
+    config = getattr(module, "config", None)
+    if not callable(decoder) or not callable(head) or getattr(config, "final_logit_softcapping", None):
+        return None
+    return decoder, head

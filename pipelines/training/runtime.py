@@ -36,7 +36,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ from pipelines.training.modeling import load_model, save_model
 from pipelines.training.sharding import epoch_batches, rank_share
 
 log = logging.getLogger(__name__)
+T = TypeVar("T", bound=TrainingConfig)
 
 DS_TAG = "deepspeed"  # the DeepSpeed tag inside every reported checkpoint folder
 RESUME_FILE = "resume.json"  # beside the DeepSpeed files of a checkpoint: its step and resume key
@@ -72,7 +73,10 @@ def deepspeed_config(config: TrainingConfig, world_size: int) -> dict[str, Any]:
     if config.zero_stage == 3:
         # The final save gathers the 16-bit weights on rank 0 only (`save_final`).
         ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
-    if config.bf16:
+    if config.dtype == "auto":
+        raise ValueError("dtype auto reached a worker: the driver resolves it once (resolve_training_dtype) so "
+                         "every rank trains in the same precision")
+    if config.dtype == "bfloat16":
         ds["bf16"] = {"enabled": True}
     if config.deepspeed_config:
         ds = _merge_deepspeed_file(ds, config.deepspeed_config)
@@ -433,7 +437,7 @@ class TrainingWorker:
         last = self.history[-1] if self.history else {}
         step_s = [h["time/step_s"] for h in self.history if "time/step_s" in h]
         summary = {"total_steps": self.total, "resumed_from_step": self.resumed_from, "world_size": self.world,
-                   "final_train_loss": last.get("train/loss"),
+                   "final_train_loss": last.get("train/loss"), "dtype": self.config.dtype,
                    "step_seconds": float(np.mean(step_s)) if step_s else None,
                    "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in self.params),
                    "param_elements": self.param_elements,
@@ -550,6 +554,23 @@ def check_cluster_fits(config: TrainingConfig, name: str, nodes: list[dict[str, 
             f"{name}.cpus_per_worker=1), or add nodes.")
 
 
+def resolve_training_dtype(config: T, mlflow_run: dict[str, str] | None = None) -> T:
+    """`config` with `dtype` resolved on the driver (`auto`: bf16 only where this machine's matmul benchmark
+    shows it fast, see `precision.resolve_dtype`), the choice and both matmul peaks logged to the stage's MLflow
+    run (`mlflow_run`: tracking_uri and run_id). Run once per stage, before the workers get their config: every
+    rank then trains in the same precision, and the resume key holds the resolved name, not "auto"."""
+    from pipelines.training.precision import describe, precision_choice
+
+    choice = precision_choice(config.dtype, "cuda" if config.use_gpu else "cpu", config.cpus_per_worker)
+    if config.dtype == "auto":
+        print(describe(choice), flush=True)
+    if mlflow_run:
+        from pipelines.tracking.runs import log_precision
+
+        log_precision(choice, mlflow_run)
+    return dataclasses.replace(config, dtype=choice["dtype_resolved"])
+
+
 def run_training(train_loop, loop_cfg: dict[str, Any], config: TrainingConfig, checkpoint_dir: Path, name: str,
                  inputs: dict[str, Path]) -> None:
     """Run `train_loop` on `config.num_workers` Ray Train workers (gloo on CPUs, nccl with `use_gpu`), resuming
@@ -560,6 +581,9 @@ def run_training(train_loop, loop_cfg: dict[str, Any], config: TrainingConfig, c
 
     from pipelines.raycluster import ensure_ray
 
+    if config.dtype == "auto":
+        raise ValueError(f"{name}: resolve dtype auto on the driver first (resolve_training_dtype), so every "
+                         "worker trains in the same precision and the resume key holds the resolved one")
     checkpoint_dir = Path(checkpoint_dir).resolve()
     loop_cfg = loop_cfg | {"resume_key": prepare_resume(checkpoint_dir, name, resume_key(inputs, config)),
                            "runtime": "ray"}
