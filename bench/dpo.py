@@ -1,12 +1,23 @@
-"""DPO training throughput: searchrel's DPO loop against TRL's DPOTrainer, same run, same everything.
+"""DPO training throughput, side by side in one run: shared-prefix training and the chosen precision against
+today's path (`--shared-prefix`), or searchrel's DPO loop against TRL's DPOTrainer (default).
 
 Same model weights, same preference pairs, same micro-batch (pairs), maximum length (nothing is truncated),
 beta and AdamW learning rate. The pairs are CrowdFlower judgments: chosen = the gold label with its rule-base
 rationale (post-CoT), rejected = another level with the rationale the rule base writes for that level.
-Throughput is real (non-padding) tokens of chosen + rejected sequences per second over the timed steps.
+Throughput is preference pairs and real (non-padding) tokens of the full chosen + rejected sequences per second
+over the timed steps, after warm-up steps. MFU counts the tokens the decoder really runs (the shared prefix once
+per micro-batch, `shared_prefix.computed_tokens`): 6 x non-embedding parameters x tokens, against the matmul
+peak of the row's precision measured at the start of this run (`pipelines.training.precision`, same threads).
+Rows print as they are measured.
 
+    .venv/bin/python -m bench.dpo --model smollm2-135m --shared-prefix --steps 3 --warmup 1 --batch 4
+    .venv/bin/python -m bench.dpo --model tiny --shared-prefix --steps 10
     .venv/bin/python -m bench.dpo --model tiny --steps 30
     .venv/bin/python -m bench.dpo --model smollm2-135m --steps 4 --warmup 1 --batch 4
+
+`--shared-prefix` times the training steps only: the reference log-probs are computed once, before training
+(`dpo.prepare_pairs`), and the same for every row. Against TRL, searchrel runs full sequences (TRL has no shared
+prefix: the same work on both sides).
 
 searchrel computes the reference log-probs once before training (`dpo.prepare_pairs`); TRL's default computes
 them with a second model inside every step. So the headline figure charges searchrel its reference pass, pro
@@ -20,8 +31,10 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 from pipelines.env import apply_defaults
 
@@ -45,53 +58,68 @@ def make_pairs(rows):
     return chosen, rejected
 
 
-def bench_ours(model, tokenizer, prompts, chosen, rejected, args) -> dict:
-    import deepspeed
-    import numpy as np
+def dpo_config(args, dtype: str = "float32", share_prefix: bool = False):
+    from pipelines.config import build_config
+    from pipelines.relevance.dpo import DPOConfig
+
+    return build_config(DPOConfig, "dpo", {"per_device_train_batch_size": args.batch, "max_length": args.max_length,
+                                           "learning_rate": args.lr, "zero_stage": args.zero_stage,
+                                           "beta": args.beta, "warmup_ratio": 0.0, "lr_scheduler_type": "constant",
+                                           "reference_batch_size": 2 * args.batch, "dtype": dtype,
+                                           "share_prefix": share_prefix})
+
+
+def reference_pairs(model, tokenizer, prompts, chosen, rejected, args) -> tuple[dict, float]:
+    """The tokenized pairs with their reference log-probs (fp32, computed once, as `dpo.prepare_pairs` does
+    before training), and the seconds that took."""
     import pandas as pd
 
-    from pipelines.config import build_config
-    from pipelines.relevance.dpo import (
-        DPOConfig,
-        add_reference_logps,
-        dpo_step_loss,
-        pair_batch,
-        tokenize_pairs,
-    )
-    from pipelines.training.runtime import build_engine, deepspeed_config
-    from pipelines.training.sharding import epoch_batches
+    from pipelines.relevance.dpo import add_reference_logps, tokenize_pairs
 
-    cfg = build_config(DPOConfig, "dpo", {"per_device_train_batch_size": args.batch, "max_length": args.max_length,
-                                          "learning_rate": args.lr, "zero_stage": args.zero_stage,
-                                          "beta": args.beta, "warmup_ratio": 0.0, "lr_scheduler_type": "constant",
-                                          "reference_batch_size": 2 * args.batch})
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29534")
-    deepspeed.init_distributed(dist_backend="gloo")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     frame = pd.DataFrame({"prompt": prompts, "chosen": chosen, "rejected": rejected})
     table = tokenize_pairs(frame, tokenizer, args.max_length, "post_cot")
     reference = copy.deepcopy(model).eval().requires_grad_(False)
     t0 = time.perf_counter()
-    pairs = add_reference_logps(table, reference, pad_id, cfg.reference_batch_size).to_pydict()
-    reference_seconds = time.perf_counter() - t0
-    del reference
+    pairs = add_reference_logps(table, reference, pad_id, dpo_config(args).reference_batch_size).to_pydict()
+    return pairs, time.perf_counter() - t0
+
+
+def bench_ours(model, tokenizer, pairs: dict, args, dtype: str = "float32", share_prefix: bool = False) -> dict:
+    """searchrel's DPO step (`dpo_step_loss`, backward, step) on a DeepSpeed engine in this process (world size 1),
+    over `pairs` from `reference_pairs`."""
+    import deepspeed
+    import numpy as np
+
+    from pipelines.relevance.dpo import dpo_step_loss, pair_batch
+    from pipelines.training.runtime import build_engine, deepspeed_config
+    from pipelines.training.sharding import epoch_batches
+    from pipelines.training.shared_prefix import computed_tokens
+
+    cfg = dpo_config(args, dtype, share_prefix)
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29534")
+    deepspeed.init_distributed(dist_backend="gloo")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     lengths = np.array([max(len(c), len(r)) for c, r in zip(pairs["chosen_ids"], pairs["rejected_ids"],
                                                               strict=True)])
     batches = epoch_batches(lengths, args.batch, cfg.seed, 0, cfg.bucket_window)
     engine, _, _ = build_engine(model, cfg, args.warmup + args.steps, deepspeed_config(cfg, 1))
     engine.train()
-    tokens, start = 0, None
+    tokens = computed = n_pairs = 0
+    start = None
     for i, idx in enumerate(batches[: args.warmup + args.steps]):
         if i == args.warmup:
-            start, tokens = time.perf_counter(), 0
+            start, tokens, computed, n_pairs = time.perf_counter(), 0, 0, 0
         batch, n = pair_batch(pairs, idx, pad_id)
         loss, _ = dpo_step_loss(engine, batch, n, cfg)
         engine.backward(loss)
         engine.step()
         tokens += int(batch["attention_mask"].sum())
+        computed += computed_tokens(batch["input_ids"], batch["attention_mask"], cfg.share_prefix)
+        n_pairs += n
     seconds = time.perf_counter() - start
-    share = args.steps / min(len(batches), args.warmup + args.steps)  # of the pairs the reference pass covered
-    return {"tokens": tokens, "seconds": seconds, "reference_seconds": reference_seconds * share}
+    return {"pairs": n_pairs, "tokens": tokens, "computed": computed, "seconds": seconds,
+            "timed_share": args.steps / min(len(batches), args.warmup + args.steps)}
 
 
 def bench_trl(model, tokenizer, prompts, chosen, rejected, args, fastest: bool) -> dict:
@@ -141,15 +169,25 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--zero-stage", type=int, default=2)
+    parser.add_argument("--shared-prefix", action="store_true",
+                        help="compare today's path, dtype auto with full prompts, and dtype auto with the shared "
+                             "prefix (instead of TRL)")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # a stopped run still shows the rows it measured
     apply_defaults()
     import torch
 
     from bench.sft import load_pairs
     from pipelines.relevance.models import ModelConfig, load_model_and_tokenizer
     from pipelines.relevance.prompts import build_prompt
+    from pipelines.training.precision import matmul_peaks, resolve_dtype
 
     torch.set_num_threads(os.cpu_count())
+    peaks = matmul_peaks(refresh=True)  # measured now, in this run, on these threads
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU")
+    print(f"{cpu}, {torch.get_num_threads()} threads: matmul peaks fp32 {peaks['float32']:,.0f} GFLOP/s, "
+          f"bf16 {peaks['bfloat16']:,.0f} GFLOP/s; dtype auto -> {resolve_dtype('auto')}")
     n_pairs = (args.warmup + args.steps) * args.batch
     rows = load_pairs(n_pairs)
     chosen, rejected = make_pairs(rows)
@@ -160,8 +198,15 @@ def main() -> None:
     prompts = [build_prompt(tokenizer, q, t, d) for q, t, d in zip(rows["query"], rows["title"], rows["description"],
                                                                    strict=True)]
     n_params = sum(p.numel() for p in base.parameters())
+    n_matmul = n_params - base.get_input_embeddings().weight.numel()
+    pairs, reference_seconds = reference_pairs(base, tokenizer, prompts, chosen, rejected, args)
+    if args.shared_prefix:
+        bench_shared_prefix(base, tokenizer, pairs, args, peaks, n_matmul)
+        return
+    ours = bench_ours(copy.deepcopy(base), tokenizer, pairs, args)  # full sequences: TRL has no shared prefix
+    ours["reference_seconds"] = reference_seconds * ours["timed_share"]  # pro rata over the timed steps
     results = {
-        "searchrel (DeepSpeed)": bench_ours(copy.deepcopy(base), tokenizer, prompts, chosen, rejected, args),
+        "searchrel (DeepSpeed)": ours,
         "TRL DPOTrainer, defaults": bench_trl(copy.deepcopy(base), tokenizer, prompts, chosen, rejected, args, False),
         "TRL, no act. ckpt + precomputed ref": bench_trl(copy.deepcopy(base), tokenizer, prompts, chosen, rejected,
                                                          args, True),
@@ -180,6 +225,28 @@ def main() -> None:
     ours = rates["searchrel (DeepSpeed)"]
     print(f"searchrel / TRL default (incl. reference): {ours / trl_tps:.2f}x (target >= 1.5x); "
           f"searchrel / TRL fastest: {ours / rates['TRL, no act. ckpt + precomputed ref']:.2f}x")
+
+
+def bench_shared_prefix(base, tokenizer, pairs: dict, args, peaks: dict[str, float], n_matmul: int) -> None:
+    """Today's path (fp32, full prompts) against `dtype: auto` with full prompts and with the shared prefix, all
+    at `--batch` pairs per step, on the same pairs and reference log-probs."""
+    from pipelines.training.precision import resolve_dtype
+
+    auto = resolve_dtype("auto")
+    variants = [("today: fp32, full prompts", "float32", False),
+                (f"auto ({auto}), full prompts", auto, False),
+                (f"auto ({auto}), shared prefix", auto, True)]
+    print(f"\nDPO, {args.model}, batch {args.batch} pairs, post-CoT, {args.steps} timed steps after {args.warmup} "
+          f"warm-up (reference log-probs precomputed, not timed)")
+    print(f"{'path':<36} {'pairs/s':>8} {'tokens/s':>9} {'vs today':>9} {'MFU':>6}")
+    today = None
+    for name, dtype, share in variants:
+        r = bench_ours(copy.deepcopy(base), tokenizer, pairs, args, dtype, share)
+        pairs_per_s = r["pairs"] / r["seconds"]
+        today = today or pairs_per_s
+        mfu = 6 * n_matmul * r["computed"] / r["seconds"] / (peaks[dtype] * 1e9)
+        print(f"{name:<36} {pairs_per_s:>8.2f} {r['tokens'] / r['seconds']:>9,.0f} {pairs_per_s / today:>8.2f}x "
+              f"{mfu:>6.1%}")
 
 
 if __name__ == "__main__":

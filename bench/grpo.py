@@ -1,4 +1,5 @@
-"""GRPO step time: searchrel's GRPO step against TRL's GRPOTrainer, same run, same settings.
+"""GRPO, side by side in one run: shared-prefix training and the chosen precision in the update against today's
+path (`--shared-prefix`), or searchrel's GRPO step time against TRL's GRPOTrainer (default).
 
 Same model weights, same CrowdFlower prompts, same group size G, prompts per step, new-token budget,
 temperature / top-k, micro-batch, learning rate, KL coefficient (a reference model in both), clip range and
@@ -6,8 +7,22 @@ loss aggregation (dapo); one optimizer step per rollout batch in both (searchrel
 `steps_per_generation` = its gradient accumulation). A step is: sample G completions per prompt, reward them
 (ordinal partial credit of the parsed label), reference log-probs, advantages, loss, backward, optimizer step.
 
+    .venv/bin/python -m bench.grpo --model smollm2-135m --shared-prefix --steps 2 --warmup 1 --group-size 4 \
+        --micro-batch 4 --max-new-tokens 32
+    .venv/bin/python -m bench.grpo --model tiny --shared-prefix --steps 4
     .venv/bin/python -m bench.grpo --model tiny --steps 4
     .venv/bin/python -m bench.grpo --model smollm2-135m --steps 2 --warmup 1 --group-size 4 --max-new-tokens 32
+
+`--shared-prefix` times the update, the part of a step that shared-prefix training and the precision change:
+the rollouts are sampled once (fp32, the first `--warmup + --steps` batches of prompts), then every row runs
+`plan_minibatches`, `add_logps` (the reference pass) and `update_policy` on those same groups, on its own
+DeepSpeed engine and reference model in that row's precision. It reports sequences and groups (prompts) per
+second, real (non-padding) tokens of the full sequences per second, and MFU: (6 for the policy's forward and
+backward + 2 for the reference forward) x non-embedding parameters x the tokens the decoder really runs (the
+shared prefix once per micro-batch, `shared_prefix.computed_tokens`), against the matmul peak of the row's
+precision measured at the start of this run (`pipelines.training.precision`, same threads). With micro-batch
+= G every micro-batch is one group and shares its whole prompt; with several groups per micro-batch only the
+instruction. Rows print as they are measured.
 
 searchrel's difficulty filter is switched off here (graded reward, keep a group when its reward spread exceeds
 -1, no refill rounds), so both trainers train on every group: the filter changes how much work a step does,
@@ -15,14 +30,17 @@ which would make the times incomparable. searchrel runs its real step: `GRPOWork
 production rollout, rewards and dynamic-sampling code) then `plan_minibatches`, `add_logps`, `update_policy`,
 on a DeepSpeed engine in this process (no Ray Train, which would add only start-up time).
 
-TRL runs twice: with its defaults (activation checkpointing on) and without activation checkpointing.
+TRL runs twice: with its defaults (activation checkpointing on) and without activation checkpointing. Against
+TRL, searchrel runs fp32 full sequences (TRL has no shared prefix: the same work on both sides).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,9 +58,10 @@ def grpo_settings(args) -> dict:
             "cpus_per_worker": os.cpu_count(), "save_steps": 0}
 
 
-def bench_ours(model_dir: Path, prompts: list[str], labels: list[int], args) -> dict:
-    """searchrel's own step: `GRPOWorker.training_step`, the worker run in-process (world size 1)."""
-    import numpy as np
+@contextlib.contextmanager
+def grpo_worker(model_dir: Path, prompts: list[str], labels: list[int], args, dtype: str = "float32",
+                share_prefix: bool = False):
+    """A prepared `GRPOWorker` run in-process (world size 1), its engine in training mode."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
@@ -51,7 +70,7 @@ def bench_ours(model_dir: Path, prompts: list[str], labels: list[int], args) -> 
     from pipelines.relevance.models import load_model
     from pipelines.relevance.scoring import tokenize_prompts
 
-    settings = grpo_settings(args)
+    settings = grpo_settings(args) | {"dtype": dtype, "share_prefix": share_prefix}
     _, tokenizer = load_model(model_dir, "float32")
     with tempfile.TemporaryDirectory() as tmp:
         table = pa.table({"prompt": prompts, "label": labels,
@@ -64,6 +83,14 @@ def bench_ours(model_dir: Path, prompts: list[str], labels: list[int], args) -> 
         w.prepare()
         torch.manual_seed(0)
         w.engine.train()
+        yield w
+
+
+def bench_ours(model_dir: Path, prompts: list[str], labels: list[int], args) -> dict:
+    """searchrel's own step: `GRPOWorker.training_step` (fp32, full sequences, as TRL)."""
+    import numpy as np
+
+    with grpo_worker(model_dir, prompts, labels, args) as w:
         times, tokens = [], []
         while w.step < w.total:
             t0 = time.perf_counter()
@@ -134,15 +161,25 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--beta", type=float, default=0.02, help="KL coefficient (searchrel beta_kl, TRL beta)")
     parser.add_argument("--only-ours", action="store_true", help="skip TRL (for profiling searchrel's step)")
+    parser.add_argument("--shared-prefix", action="store_true",
+                        help="compare the update of today's path, dtype auto with full prompts, and dtype auto with "
+                             "the shared prefix (instead of TRL)")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # a stopped run still shows the rows it measured
     apply_defaults()
     import torch
 
     from bench.sft import load_pairs
     from pipelines.relevance.models import ModelConfig, load_model_and_tokenizer, save_model
     from pipelines.relevance.prompts import build_prompt
+    from pipelines.training.precision import matmul_peaks, resolve_dtype
 
     torch.set_num_threads(os.cpu_count())
+    peaks = matmul_peaks(refresh=True)  # measured now, in this run, on these threads
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU")
+    print(f"{cpu}, {torch.get_num_threads()} threads: matmul peaks fp32 {peaks['float32']:,.0f} GFLOP/s, "
+          f"bf16 {peaks['bfloat16']:,.0f} GFLOP/s; dtype auto -> {resolve_dtype('auto')}")
     rows = load_pairs(args.prompts * (args.warmup + args.steps))
     base, tokenizer = load_model_and_tokenizer(ModelConfig(name=args.model),
                                                list(rows["query"]) + list(rows["title"]) + list(rows["rationale"]))
@@ -152,7 +189,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_model(base, tokenizer, Path(tmp) / "model")
         n_params = sum(p.numel() for p in base.parameters())
+        n_matmul = n_params - base.get_input_embeddings().weight.numel()
         del base
+        if args.shared_prefix:
+            bench_shared_prefix(model_dir, prompts, labels, args, peaks, n_matmul)
+            return
         results = {"searchrel (DeepSpeed, HFSampler)": bench_ours(model_dir, prompts, labels, args)}
         if args.only_ours:
             print(f"searchrel: {results['searchrel (DeepSpeed, HFSampler)']}")
@@ -173,6 +214,63 @@ def main() -> None:
     fastest = min(results["TRL GRPOTrainer, defaults"]["step_s"], results["TRL GRPOTrainer, no act. ckpt"]["step_s"])
     print(f"TRL default step time / searchrel step time: {trl / ours['step_s']:.2f}x (target >= 1.0x); "
           f"TRL fastest / searchrel: {fastest / ours['step_s']:.2f}x")
+
+
+def bench_update(w, rollouts: list, args) -> dict:
+    """The update of each rollout batch (`plan_minibatches`, `add_logps`, `update_policy`) on worker `w`: totals
+    over the batches after the first `--warmup`."""
+    from pipelines.relevance.grpo import add_logps, plan_minibatches, update_policy
+    from pipelines.training.shared_prefix import computed_tokens
+
+    c = w.config
+    out = {"sequences": 0, "groups": 0, "tokens": 0, "computed": 0, "seconds": 0.0}
+    for i, groups in enumerate(rollouts):
+        t0 = time.perf_counter()
+        minis = plan_minibatches(groups, w.prompt_ids, c, w.rank, w.world, w.pad_id)
+        add_logps(w.engine, w.reference, minis, c, w.device)
+        update_policy(w.engine, minis, c, w.world, w.device)
+        seconds = time.perf_counter() - t0
+        w.step += 1
+        if i < args.warmup:
+            continue
+        micros = [m for mini in minis for m in mini["micros"]]
+        out["seconds"] += seconds
+        out["groups"] += len(groups)
+        out["sequences"] += sum(len(g.completions) for g in groups)
+        out["tokens"] += sum(int(m["attention_mask"].sum()) for m in micros)
+        out["computed"] += sum(computed_tokens(m["input_ids"], m["attention_mask"], c.share_prefix) for m in micros)
+    return out
+
+
+def bench_shared_prefix(model_dir: Path, prompts: list[str], labels: list[int], args, peaks: dict[str, float],
+                        n_matmul: int) -> None:
+    """The update of today's path (fp32, full prompts) against `dtype: auto` with full prompts and with the shared
+    prefix, all on the same rollouts (sampled once, fp32)."""
+    from pipelines.training.precision import resolve_dtype
+
+    with grpo_worker(model_dir, prompts, labels, args) as w:
+        rollouts = []
+        for _ in range(args.warmup + args.steps):
+            rollouts.append(w.generate_batch()[0])
+            w.step += 1
+    auto = resolve_dtype("auto")
+    variants = [("today: fp32, full prompts", "float32", False),
+                (f"auto ({auto}), full prompts", auto, False),
+                (f"auto ({auto}), shared prefix", auto, True)]
+    flops_per_token = (6 + (2 if args.beta else 0)) * n_matmul  # policy forward + backward, reference forward
+    print(f"\nGRPO update, {args.model}, G {args.group_size}, {args.prompts} prompts per step, micro-batch "
+          f"{args.micro_batch}, max_new_tokens {args.max_new_tokens}, KL beta {args.beta}, {args.steps} timed steps "
+          f"after {args.warmup} warm-up, same rollouts for every row")
+    print(f"{'path':<36} {'seqs/s':>8} {'groups/s':>9} {'tokens/s':>9} {'vs today':>9} {'MFU':>6}")
+    today = None
+    for name, dtype, share in variants:
+        with grpo_worker(model_dir, prompts, labels, args, dtype, share) as w:
+            r = bench_update(w, rollouts, args)
+        seqs_per_s = r["sequences"] / r["seconds"]
+        today = today or seqs_per_s
+        mfu = flops_per_token * r["computed"] / r["seconds"] / (peaks[dtype] * 1e9)
+        print(f"{name:<36} {seqs_per_s:>8.2f} {r['groups'] / r['seconds']:>9.2f} {r['tokens'] / r['seconds']:>9,.0f} "
+              f"{seqs_per_s / today:>8.2f}x {mfu:>6.1%}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ def main() -> int:
     parser.add_argument("--cold", action="store_true",
                         help="start every job in a fresh interpreter (SEARCHREL_WARM_JOBS=0), as before warm starts")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # a stopped run still shows the rows it measured
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-orchestration-"))
     os.environ.update({"AIRFLOW_HOME": str(scratch / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -139,6 +140,7 @@ def main() -> None:
     parser.add_argument("--skip-served", action="store_true")
     parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (scoring and served model)")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # a stopped run still shows the rows it measured
     apply_defaults()
     rows = load_groups(args.queries, args.items)
     with tempfile.TemporaryDirectory() as tmp:

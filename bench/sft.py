@@ -1,10 +1,13 @@
-"""SFT training throughput: searchrel's DeepSpeed loop against TRL's SFTTrainer, same run, same everything.
+"""SFT training throughput, side by side in one run: shared-prefix training and the chosen precision against
+today's path (`--shared-prefix`), or searchrel's DeepSpeed loop against TRL's SFTTrainer (default).
 
-Same model weights, same CrowdFlower pairs with rule-base rationales (post-CoT), same micro-batch and maximum
-length, same AdamW learning rate. Throughput is real (non-padding) tokens per second over the timed steps,
-after warm-up steps. Model FLOPs utilisation uses 6 x parameters x tokens against the fp32 and bf16 matmul
-peaks measured at the start of this run (2048^3 matmuls on the same threads).
+Same model weights, same CrowdFlower pairs with rule-base rationales (post-CoT), same maximum length, same AdamW
+learning rate. Throughput is pairs and real (non-padding) tokens of the full sequences per second over the
+timed steps, after warm-up steps. MFU counts the tokens the decoder really runs (the shared prefix once per
+micro-batch): 6 x non-embedding parameters x tokens, against the matmul peak of the row's precision measured at
+the start of this run (`pipelines.training.precision`, same threads). Rows print as they are measured.
 
+    .venv/bin/python bench/sft.py --model smollm2-135m --shared-prefix --steps 3 --warmup 1
     .venv/bin/python bench/sft.py --model tiny --steps 30
     .venv/bin/python bench/sft.py --model smollm2-135m --steps 6 --warmup 2
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,17 +28,6 @@ from pathlib import Path
 from pipelines.env import apply_defaults
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "crowdflower_search_relevance"
-
-
-def matmul_peak(dtype, n: int = 2048, repeats: int = 5) -> float:
-    import torch
-
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
 def load_pairs(n: int):
@@ -48,14 +41,19 @@ def load_pairs(n: int):
     return rows
 
 
-def bench_ours(rows, args) -> dict:
+def bench_ours(rows, args, dtype: str | None = None, share_prefix: bool = True, batch: int | None = None,
+               top_layers: int = 0) -> dict:
     """searchrel's own training step: `SFTWorker` run in-process (world size 1) on the files `run_sft` writes."""
     from pipelines.config import build_config
     from pipelines.relevance.sft import SFTConfig, SFTWorker, prepare_inputs
 
-    cfg = build_config(SFTConfig, "sft", {"model": {"name": args.model}, "per_device_train_batch_size": args.batch,
+    dtype = dtype or ("bfloat16" if args.bf16 else "float32")
+    cfg = build_config(SFTConfig, "sft", {"model": {"name": args.model},
+                                          "per_device_train_batch_size": batch or args.batch,
                                           "max_length": args.max_length, "learning_rate": args.lr,
-                                          "zero_stage": args.zero_stage, "dtype": "bfloat16" if args.bf16 else "float32",
+                                          "zero_stage": args.zero_stage, "dtype": dtype, "share_prefix": share_prefix,
+                                          "train_top_layers": top_layers,
+                                          "max_description_chars": args.description_chars,
                                           "warmup_ratio": 0.0, "max_steps": args.warmup + args.steps,
                                           "cpus_per_worker": os.cpu_count(), "max_val_examples": 1})
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,10 +63,14 @@ def bench_ours(rows, args) -> dict:
         worker.engine.train()
         for step in range(args.warmup + args.steps):
             if step == args.warmup:
-                start, tokens0 = time.perf_counter(), worker.tokens_seen
+                start = time.perf_counter()
+                before = (worker.tokens_seen, worker.tokens_computed, worker.pairs_seen)
             worker.training_step()
             worker.step += 1
-        return {"tokens": worker.tokens_seen - tokens0, "seconds": time.perf_counter() - start}
+        seconds = time.perf_counter() - start
+        after = (worker.tokens_seen, worker.tokens_computed, worker.pairs_seen)
+        return {"tokens": after[0] - before[0], "computed": after[1] - before[1], "pairs": after[2] - before[2],
+                "seconds": seconds}
 
 
 # What every TRL run of the benchmarks shares: CPU, no logging or saving, constant LR, counted input tokens.
@@ -117,7 +119,8 @@ def bench_trl(model, tokenizer, rows, args, gradient_checkpointing: bool | None)
         trainer = SFTTrainer(model=model, args=targs, train_dataset=data, processing_class=tokenizer,
                              callbacks=[timer])
         trainer.train()
-    return {"tokens": timer.tokens1 - timer.tokens0, "seconds": timer.end - timer.start}
+    tokens = timer.tokens1 - timer.tokens0
+    return {"tokens": tokens, "computed": tokens, "seconds": timer.end - timer.start}
 
 
 def main() -> None:
@@ -131,45 +134,93 @@ def main() -> None:
     parser.add_argument("--zero-stage", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="bf16 for both (DeepSpeed bf16 / TRL bf16=True)")
     parser.add_argument("--pairs", type=int, default=512)
+    parser.add_argument("--shared-prefix", action="store_true",
+                        help="compare today's path, dtype auto with full prompts, and dtype auto with the shared "
+                             "prefix (instead of TRL)")
+    parser.add_argument("--top-layers", type=int, default=0,
+                        help="with --shared-prefix: also train only the top N decoder layers (train_top_layers)")
+    parser.add_argument("--description-chars", type=int, default=150, help="as the cpu profile")
     parser.add_argument("--scaling", action="store_true",
                         help="also train through Ray Train: 2 workers of 1 CPU against 1 worker of 2 CPUs, same "
                              "global batch")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # a stopped run still shows the rows it measured
     apply_defaults()
     import torch
 
     from pipelines.relevance.models import ModelConfig, load_model_and_tokenizer
+    from pipelines.training.precision import matmul_peaks, resolve_dtype
 
     torch.set_num_threads(os.cpu_count())
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    peaks = matmul_peaks(refresh=True)  # measured now, in this run, on these threads
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU")
+    print(f"{cpu}, {torch.get_num_threads()} threads: matmul peaks fp32 {peaks['float32']:,.0f} GFLOP/s, "
+          f"bf16 {peaks['bfloat16']:,.0f} GFLOP/s; dtype auto -> {resolve_dtype('auto')}")
     rows = load_pairs(args.pairs)
     texts = list(rows["query"]) + list(rows["title"]) + list(rows["rationale"])
     base, tokenizer = load_model_and_tokenizer(ModelConfig(name=args.model), texts)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     n_params = sum(p.numel() for p in base.parameters())
+    n_matmul = n_params - base.get_input_embeddings().weight.numel()
+    if args.shared_prefix:
+        bench_shared_prefix(rows, args, peaks, n_matmul, base.config.num_hidden_layers)
+    else:
+        bench_against_trl(rows, args, base, tokenizer, peaks, n_params, n_matmul)
+    if args.scaling:
+        bench_scaling(rows, args)
+
+
+def _mfu(result: dict, n_matmul: int, peak_gflops: float, trained_share: float = 1.0) -> float:
+    """Model FLOPs utilisation: forward 2, backward 4 FLOPs per matmul weight and token (backward only through
+    the `trained_share` of the layers that train)."""
+    flops_per_token = (2 + 4 * trained_share) * n_matmul
+    return flops_per_token * result["computed"] / result["seconds"] / (peak_gflops * 1e9)
+
+
+def bench_shared_prefix(rows, args, peaks: dict[str, float], n_matmul: int, n_layers: int) -> None:
+    """Today's path (the cpu profile before shared-prefix training: fp32, full prompts, micro-batch 8) against
+    `dtype: auto` with full prompts and with the shared prefix, at `--batch`."""
+    from pipelines.training.precision import resolve_dtype
+
+    auto = resolve_dtype("auto")
+    variants = [("today: fp32, full prompts, batch 8", "float32", False, 8, 0),
+                (f"auto ({auto}), full prompts", auto, False, args.batch, 0),
+                (f"auto ({auto}), shared prefix", auto, True, args.batch, 0)]
+    if args.top_layers:
+        variants.append((f"auto, shared prefix, top {args.top_layers} layers", auto, True, args.batch, args.top_layers))
+    print(f"\nSFT, {args.model}, post-CoT, {args.steps} timed steps after {args.warmup} warm-up")
+    print(f"{'path':<36} {'pairs/s':>8} {'tokens/s':>9} {'vs today':>9} {'MFU':>6}")
+    today = None
+    for name, dtype, share, batch, top in variants:
+        r = bench_ours(rows, args, dtype, share, batch, top)
+        pairs_per_s = r["pairs"] / r["seconds"]
+        today = today or pairs_per_s
+        print(f"{name:<36} {pairs_per_s:>8.2f} {r['tokens'] / r['seconds']:>9,.0f} {pairs_per_s / today:>8.2f}x "
+              f"{_mfu(r, n_matmul, peaks[dtype], top / n_layers if top else 1.0):>6.1%}")
+
+
+def bench_against_trl(rows, args, base, tokenizer, peaks: dict[str, float], n_params: int, n_matmul: int) -> None:
+    import torch
+
+    dtype = "bfloat16" if args.bf16 else "float32"
+    ours = bench_ours(rows, args, dtype, share_prefix=False)  # TRL has no shared prefix: same work on both sides
     results = {
-        "searchrel (DeepSpeed)": bench_ours(rows, args),
+        "searchrel (DeepSpeed)": ours,
         "TRL SFTTrainer, defaults": bench_trl(copy.deepcopy(base), tokenizer, rows, args, None),
         "TRL SFTTrainer, no act. ckpt": bench_trl(copy.deepcopy(base), tokenizer, rows, args, False),
     }
-    ours = results["searchrel (DeepSpeed)"]
-    ours_tps = ours["tokens"] / ours["seconds"]
     print(f"\nSFT throughput, {args.model} ({n_params / 1e6:.2f}M params), batch {args.batch}, max_length "
-          f"{args.max_length}, {args.steps} timed steps after {args.warmup} warm-up, {'bf16' if args.bf16 else 'fp32'}, "
+          f"{args.max_length}, {args.steps} timed steps after {args.warmup} warm-up, {dtype}, "
           f"{torch.get_num_threads()} threads")
-    print(f"matmul peaks this run: fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s")
-    print(f"{'trainer':<30} {'tokens/s':>10} {'vs TRL default':>15} {'MFU fp32':>9} {'MFU bf16':>9}")
+    print(f"{'trainer':<30} {'tokens/s':>10} {'vs TRL default':>15} {'MFU':>6}")
     trl_default = results["TRL SFTTrainer, defaults"]
     trl_tps = trl_default["tokens"] / trl_default["seconds"]
     for name, r in results.items():
         tps = r["tokens"] / r["seconds"]
-        flops = 6 * n_params * tps
-        print(f"{name:<30} {tps:>10,.0f} {tps / trl_tps:>14.2f}x {flops / peaks['fp32']:>9.1%} "
-              f"{flops / peaks['bf16']:>9.1%}")
-    print(f"searchrel / TRL default: {ours_tps / trl_tps:.2f}x (target >= 1.5x)", flush=True)
-    if args.scaling:
-        bench_scaling(rows, args)
+        print(f"{name:<30} {tps:>10,.0f} {tps / trl_tps:>14.2f}x {_mfu(r, n_matmul, peaks[dtype]):>6.1%}")
+    print(f"searchrel / TRL default: {ours['tokens'] / ours['seconds'] / trl_tps:.2f}x (target >= 1.5x)")
 
 
 def bench_scaling(rows, args) -> None:
@@ -181,6 +232,7 @@ def bench_scaling(rows, args) -> None:
     ensure_ray(num_cpus=2)
     shared = {"model": {"name": args.model}, "max_length": args.max_length, "learning_rate": args.lr,
               "zero_stage": args.zero_stage, "dtype": "bfloat16" if args.bf16 else "float32", "warmup_ratio": 0.0,
+              "max_description_chars": args.description_chars,
               "max_val_examples": 1, "max_steps": args.warmup + args.steps, "save_steps": 0, "eval_steps": 0}
     layouts = {"1 worker x 2 CPUs": {"num_workers": 1, "cpus_per_worker": 2, "per_device_train_batch_size": args.batch},
                "2 workers x 1 CPU": {"num_workers": 2, "cpus_per_worker": 1,

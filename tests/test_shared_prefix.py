@@ -93,9 +93,10 @@ def test_sft_loss_and_gradients_match_full_prompts(model_and_tokenizer, style):
 
 def test_dpo_loss_and_gradients_match_full_prompts(model_and_tokenizer):
     model, tok = model_and_tokenizer
-    prompts = [build_prompt(tok, q, t, d, 120) for q, t, d in zip(ROWS["query"], ROWS["title"], ROWS["description"])]
-    pairs = pd.DataFrame({"prompt": prompts, "chosen": [f"{lv}\n{r}" for lv, r in zip(ROWS["label"], ROWS["rationale"])],
-                          "rejected": [f"{5 - lv}\nWrong." for lv in ROWS["label"]]})
+    prompts = [build_prompt(tok, q, t, d, 120)
+               for q, t, d in zip(ROWS["query"], ROWS["title"], ROWS["description"], strict=True)]
+    chosen = [f"{level}\n{why}" for level, why in zip(ROWS["label"], ROWS["rationale"], strict=True)]
+    pairs = pd.DataFrame({"prompt": prompts, "chosen": chosen, "rejected": [f"{5 - lv}\nWrong." for lv in ROWS["label"]]})
     table = dpo.tokenize_pairs(pairs, tok, 512, "post_cot").to_pydict()
     table["ref_chosen_logps"] = [-10.0, -11.0, -12.0, -9.0]
     table["ref_rejected_logps"] = [-8.0, -12.0, -10.0, -9.5]

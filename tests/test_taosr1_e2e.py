@@ -96,3 +96,21 @@ def test_tiny_no_cot_sft_beats_the_majority_baseline(root, shared_data, ray_loca
     assert sft["macro_f1"] >= majority["macro_f1"] + 0.04, (sft["macro_f1"], majority["macro_f1"])
     predicted_levels = sum(1 for column in zip(*sft["confusion"], strict=True) if sum(column) > 0)
     assert predicted_levels >= 3  # it learnt the levels, not a shifted majority
+
+
+@pytest.mark.slow
+def test_tiny_post_cot_sft_with_a_shared_instruction_beats_the_majority_baseline(root, shared_data, ray_local):
+    """The paper's format (label, then rationale) with the instruction in every prompt, trained with the
+    instruction computed once per micro-batch (shared-prefix training), beats the majority class too."""
+    spec = RunSpec(run_key="bar", root=root, dataset="crowdflower",
+                   path=shared_data / "crowdflower_search_relevance", profile="tiny",
+                   overrides=["prepare.max_queries=0", "sft.max_train_examples=0", "sft.per_device_train_batch_size=32",
+                              "sft.num_train_epochs=4", "sft.include_instruction=true", "baselines.baselines=[majority]",
+                              "evaluate.hallucination_examples=0"])
+    results = run_taosr1(spec, ["prepare", "rationales", "baselines", "sft", "evaluate"])
+    summary = results["sft"].summary
+    assert summary["computed_token_share"] < 0.7, summary  # the instruction ran once per micro-batch
+    majority = results["baselines"].summary["majority"]["test"]
+    sft = json.loads((results["evaluate"].path / "metrics.json").read_text())["test"]
+    assert sft["n"] == majority["n"] > 1500
+    assert sft["macro_f1"] >= majority["macro_f1"] + 0.04, (sft["macro_f1"], majority["macro_f1"])

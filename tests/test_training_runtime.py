@@ -19,7 +19,12 @@ from conftest import SFT_JOB, kill_session
 
 from pipelines.config import build_config
 from pipelines.relevance.sft import SFTConfig, run_sft
-from pipelines.training.runtime import ClusterTooSmallError, check_cluster_fits, latest_checkpoint_step
+from pipelines.training.runtime import (
+    ClusterTooSmallError,
+    check_cluster_fits,
+    latest_checkpoint_step,
+    train_only_top_layers,
+)
 from pipelines.training.sharding import epoch_batches, rank_share
 
 # 45 training pairs: not a multiple of micro-batch x 2 workers, so the last batch of an epoch is short and odd.
@@ -195,3 +200,21 @@ def test_a_request_the_cluster_cannot_meet_fails_within_seconds(judgments, tmp_p
     with pytest.raises(ClusterTooSmallError, match="cpus_per_worker"):
         _sft(judgments, tmp_path, cpus_per_worker=2, max_steps=1)
     assert time.perf_counter() - t0 < 60  # the data and model preparation included; no start-up timeout
+
+
+def test_training_only_the_top_layers_leaves_the_rest_without_gradients():
+    import torch
+
+    from pipelines.relevance.models import ModelConfig, load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(ModelConfig(num_hidden_layers=3), ["red shoes", "a lamp"])
+    train_only_top_layers(model, 1)
+    ids = torch.tensor([tok("red shoes a lamp", add_special_tokens=False)["input_ids"]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {name for name, _ in model.named_parameters()
+                         if name.startswith(("model.layers.2.", "model.norm."))}
+    with pytest.raises(ValueError, match="has 3 decoder layers"):
+        train_only_top_layers(model, 4)
+    with pytest.raises(ValueError, match="pick one"):
+        build_config(SFTConfig, "sft", {"train_top_layers": 2, "lora": {"enabled": True}})

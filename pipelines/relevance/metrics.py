@@ -32,6 +32,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import accuracy_score, cohen_kappa_score, confusion_matrix, f1_score, ndcg_score
 
+from pipelines.bootstrap import percentile_interval, resample_counts
 from pipelines.data.schema import LEVEL_NAMES
 
 LEVELS_ASC = (1, 2, 3, 4)  # column order of every probability array
@@ -174,8 +175,6 @@ def paired_bootstrap_samples(
     Vectorised: one confusion matrix per query and model; a resample's confusion matrix is the sum of its
     drawn queries' (weighted by how often each was drawn), and its metrics come from that matrix.
     """
-    from pipelines.bootstrap import resample_counts
-
     y_true = np.asarray(y_true, dtype=np.int64)
     a, b = _levels(pred_a), _levels(pred_b)
     if not len(y_true) == len(a) == len(b) == len(query_ids):
@@ -212,8 +211,6 @@ def paired_bootstrap(
     where QWK is undefined are left out). Deterministic given ``seed``. JSON-serialisable: ``{"n",
     "n_queries", "n_boot", "seed", "level", "macro_f1": {"diff", "ci_low", "ci_high"}, "qwk": {...}}``.
     """
-    from pipelines.bootstrap import percentile_interval
-
     samples = paired_bootstrap_samples(y_true, query_ids, pred_a, pred_b, n_boot, seed)
     y_true = np.asarray(y_true, dtype=np.int64)
     one_hot = np.eye(4)  # classification_metrics takes probabilities; a one-hot row's argmax is its level

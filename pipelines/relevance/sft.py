@@ -33,7 +33,7 @@ from pipelines.relevance.models import ModelConfig
 from pipelines.training.config import TrainingConfig
 from pipelines.training.modeling import causal_lm_parts
 from pipelines.training.runtime import TrainingWorker, resolve_training_dtype, run_training
-from pipelines.training.shared_prefix import prefix_hidden_states
+from pipelines.training.shared_prefix import computed_tokens, prefix_hidden_states
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,8 @@ class SFTWorker(TrainingWorker):
         self.label_ids = {int(k): v for k, v in self.cfg["label_ids"].items()}
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.tokens_seen, self.seconds = 0, 0.0
+        self.tokens_seen = self.tokens_computed = self.pairs_seen = 0  # this rank's tokens_computed
+        self.seconds = 0.0
         return model
 
     def training_step(self) -> dict[str, float]:
@@ -257,10 +258,15 @@ class SFTWorker(TrainingWorker):
             self.engine.step()
             losses.append(loss.item())
             self.tokens_seen += int(batch["attention_mask"].sum()) * self.world
+            self.tokens_computed += computed_tokens(batch["input_ids"], batch["attention_mask"], c.share_prefix)
+            self.pairs_seen += len(mine) * self.world
         self.seconds += time.perf_counter() - t0
         metrics = self.mean_over_ranks({"train/loss": float(np.mean(losses))})
         return metrics | {"train/epoch": (self.step + 1) / self.steps_per_epoch,
-                          "train/tokens_per_s": self.tokens_seen / max(1e-9, self.seconds)}
+                          "train/tokens_per_s": self.tokens_seen / max(1e-9, self.seconds),
+                          "train/pairs_per_s": self.pairs_seen / max(1e-9, self.seconds),
+                          # tokens the decoder really ran per token of the full sequences (1 = no prefix shared)
+                          "train/computed_token_share": self.tokens_computed * self.world / max(1, self.tokens_seen)}
 
     def evaluate(self) -> dict[str, float]:
         from pipelines.relevance.scoring import first_token_probs
@@ -276,7 +282,8 @@ class SFTWorker(TrainingWorker):
         last = self.history[-1] if self.history else {}
         return {"steps_per_epoch": self.steps_per_epoch, "epochs": self.total / self.steps_per_epoch,
                 "val_first_token_accuracy": last.get("val/first_token_accuracy"),
-                "tokens_per_s": last.get("train/tokens_per_s")}
+                "tokens_per_s": last.get("train/tokens_per_s"), "pairs_per_s": last.get("train/pairs_per_s"),
+                "computed_token_share": last.get("train/computed_token_share")}
 
 
 def train_loop(cfg: dict[str, Any]) -> None:

@@ -147,6 +147,23 @@ def with_lora(model, lora: LoraSettings):
                                             task_type="CAUSAL_LM", target_modules=list(lora.target_modules)))
 
 
+def train_only_top_layers(model, n_layers: int):
+    """Freeze every weight of `model` but its top `n_layers` decoder layers and final norm (0: leave all
+    trainable). A tied output layer shares the frozen embedding and stays frozen with it."""
+    if not n_layers:
+        return model
+    layers = model.model.layers
+    if n_layers > len(layers):
+        raise ValueError(f"train_top_layers={n_layers}, but the model has {len(layers)} decoder layers")
+    model.requires_grad_(False)
+    for layer in layers[len(layers) - n_layers:]:
+        layer.requires_grad_(True)
+    model.model.norm.requires_grad_(True)
+    if not model.config.tie_word_embeddings:
+        model.lm_head.requires_grad_(True)
+    return model
+
+
 # ------------------------------------------------------------------------------------------- worker state
 
 
@@ -330,7 +347,7 @@ class TrainingWorker:
             # transformers reads the config through a weak reference: it must live as long as the model loads.
             self._zero3_context = HfDeepSpeedConfig(self.ds_config)
         model, tokenizer = load_model(model_dir, "float32")
-        return with_lora(model, self.config.lora), tokenizer
+        return with_lora(train_only_top_layers(model, self.config.train_top_layers), self.config.lora), tokenizer
 
     def plan_epochs(self, lengths: np.ndarray, bucket_window: int) -> None:
         """Epoch-based trainers (SFT, DPO) call this in `setup` with their examples' lengths."""

@@ -134,6 +134,19 @@ def batch_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     return max(0, min(shared, int(attention_mask.sum(1).min()) - 1))
 
 
+def shared_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, share_prefix: bool = True,
+                  min_tokens_saved: int = MIN_TOKENS_SAVED) -> int:
+    """The prefix length `prefix_hidden_states` computes once for this batch (0: full sequences)."""
+    shared = batch_prefix_length(input_ids, attention_mask) if share_prefix else 0
+    return shared if shared * (input_ids.shape[0] - 1) >= min_tokens_saved else 0
+
+
+def computed_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, share_prefix: bool = True) -> int:
+    """Real tokens the decoder runs for this batch: every row's own, plus the shared prefix once (for MFU)."""
+    return int(attention_mask.sum()) - (input_ids.shape[0] - 1) * shared_length(input_ids, attention_mask,
+                                                                                share_prefix)
+
+
 def prefix_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                          share_prefix: bool = True, min_tokens_saved: int = MIN_TOKENS_SAVED) -> torch.Tensor:
     """Last hidden states [B, T, H] of a right-padded batch, as the decoder of `model` (a causal LM, also
@@ -149,8 +162,8 @@ def prefix_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.T
         raise TypeError(f"{type(model).__name__} has no decoder + lm_head")
     decoder, _ = parts
     top = decoder  # the module whose config names the attention (the same config object as the causal LM's)
-    shared = batch_prefix_length(input_ids, attention_mask) if share_prefix else 0
-    if shared * (input_ids.shape[0] - 1) < min_tokens_saved or not reads_prefix_in_attention(top):
+    shared = shared_length(input_ids, attention_mask, share_prefix, min_tokens_saved)
+    if shared == 0 or not reads_prefix_in_attention(top):
         return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     with attention_implementation(top, SHARED_PREFIX_ATTENTION):
         head = decoder(input_ids=input_ids[:1, :shared], use_cache=True)
