@@ -41,8 +41,18 @@ def load_pairs(n: int):
     return rows
 
 
+def print_step_profile(worker, rows: int = 18) -> None:
+    """Where one more training step goes: torch.profiler's operators by their own CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        worker.training_step()
+    worker.step += 1
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40))
+
+
 def bench_ours(rows, args, dtype: str | None = None, share_prefix: bool = True, batch: int | None = None,
-               top_layers: int = 0) -> dict:
+               top_layers: int = 0, profile: bool = False) -> dict:
     """searchrel's own training step: `SFTWorker` run in-process (world size 1) on the files `run_sft` writes."""
     from pipelines.config import build_config
     from pipelines.relevance.sft import SFTConfig, SFTWorker, prepare_inputs
@@ -68,6 +78,8 @@ def bench_ours(rows, args, dtype: str | None = None, share_prefix: bool = True, 
             worker.training_step()
             worker.step += 1
         seconds = time.perf_counter() - start
+        if profile:
+            print_step_profile(worker)
         after = (worker.tokens_seen, worker.tokens_computed, worker.pairs_seen)
         return {"tokens": after[0] - before[0], "computed": after[1] - before[1], "pairs": after[2] - before[2],
                 "seconds": seconds}
@@ -139,6 +151,9 @@ def main() -> None:
                              "prefix (instead of TRL)")
     parser.add_argument("--top-layers", type=int, default=0,
                         help="with --shared-prefix: also train only the top N decoder layers (train_top_layers)")
+    parser.add_argument("--profile-step", action="store_true",
+                        help="with --shared-prefix: print torch.profiler's operator table of one more step of the "
+                             "dtype auto, shared-prefix path")
     parser.add_argument("--description-chars", type=int, default=150, help="as the cpu profile")
     parser.add_argument("--scaling", action="store_true",
                         help="also train through Ray Train: 2 workers of 1 CPU against 1 worker of 2 CPUs, same "
@@ -193,8 +208,8 @@ def bench_shared_prefix(rows, args, peaks: dict[str, float], n_matmul: int, n_la
     print(f"\nSFT, {args.model}, post-CoT, {args.steps} timed steps after {args.warmup} warm-up")
     print(f"{'path':<36} {'pairs/s':>8} {'tokens/s':>9} {'vs today':>9} {'MFU':>6}")
     today = None
-    for name, dtype, share, batch, top in variants:
-        r = bench_ours(rows, args, dtype, share, batch, top)
+    for i, (name, dtype, share, batch, top) in enumerate(variants):
+        r = bench_ours(rows, args, dtype, share, batch, top, profile=args.profile_step and i == 2)
         pairs_per_s = r["pairs"] / r["seconds"]
         today = today or pairs_per_s
         print(f"{name:<36} {pairs_per_s:>8.2f} {r['tokens'] / r['seconds']:>9,.0f} {pairs_per_s / today:>8.2f}x "

@@ -27,6 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from sklearn.metrics import f1_score
 
 from pipelines.relevance.model_card import MODEL_CARD
 from pipelines.relevance.models import ModelConfig
@@ -276,12 +277,17 @@ class SFTWorker(TrainingWorker):
             return {}
         probs = first_token_probs(self.engine.module, self.tokenizer, list(self.val["prompt"]), self.label_ids,
                                   max_length=self.config.max_length)
-        return {"val/first_token_accuracy": float((probs.argmax(1) + 1 == self.val["label"].to_numpy()).mean())}
+        predicted, gold = probs.argmax(1) + 1, self.val["label"].to_numpy()
+        # macro-F1 too: accuracy alone cannot tell a model that learnt the levels from one answering the majority
+        return {"val/first_token_accuracy": float((predicted == gold).mean()),
+                "val/macro_f1": float(f1_score(gold, predicted, labels=[1, 2, 3, 4], average="macro", zero_division=0)),
+                "val/predicted_levels": float(len(np.unique(predicted)))}
 
     def summary(self) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
         return {"steps_per_epoch": self.steps_per_epoch, "epochs": self.total / self.steps_per_epoch,
                 "val_first_token_accuracy": last.get("val/first_token_accuracy"),
+                "val_macro_f1": last.get("val/macro_f1"),
                 "tokens_per_s": last.get("train/tokens_per_s"), "pairs_per_s": last.get("train/pairs_per_s"),
                 "computed_token_share": last.get("train/computed_token_share")}
 
