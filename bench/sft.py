@@ -52,37 +52,52 @@ def print_step_profile(worker, rows: int = 18) -> None:
 
 
 def bench_ours(rows, args, dtype: str | None = None, share_prefix: bool = True, batch: int | None = None,
-               top_layers: int = 0, profile: bool = False) -> dict:
-    """searchrel's own training step: `SFTWorker` run in-process (world size 1) on the files `run_sft` writes."""
+               top_layers: int = 0, profile: bool = False, epochs: int = 0) -> dict | list[dict]:
+    """searchrel's own training step: `SFTWorker` run in-process (world size 1) on the files `run_sft` writes.
+
+    With `epochs`, the data is cut to `--steps` batches and the worker trains that many epochs over it; one
+    result per epoch (the first without its `--warmup` steps): with `top_layers`, the frozen trunk's cache
+    fills in the first epoch and serves every later one."""
     from pipelines.config import build_config
     from pipelines.relevance.sft import SFTConfig, SFTWorker, prepare_inputs
 
     dtype = dtype or ("bfloat16" if args.bf16 else "float32")
+    if epochs:
+        rows = rows.head((batch or args.batch) * args.steps)
+    total_steps = args.steps * epochs if epochs else args.warmup + args.steps
     cfg = build_config(SFTConfig, "sft", {"model": {"name": args.model},
                                           "per_device_train_batch_size": batch or args.batch,
                                           "max_length": args.max_length, "learning_rate": args.lr,
                                           "zero_stage": args.zero_stage, "dtype": dtype, "share_prefix": share_prefix,
                                           "train_top_layers": top_layers,
                                           "max_description_chars": args.description_chars,
-                                          "warmup_ratio": 0.0, "max_steps": args.warmup + args.steps,
+                                          "warmup_ratio": 0.0, "max_steps": total_steps,
                                           "cpus_per_worker": os.cpu_count(), "max_val_examples": 1})
     with tempfile.TemporaryDirectory() as tmp:
         loop_cfg = prepare_inputs(rows, rows.head(1), cfg, Path(tmp) / "work", Path(tmp) / "out")
         worker = SFTWorker(loop_cfg | {"runtime": "local", "resume_key": "bench"})
         worker.prepare()
         worker.engine.train()
-        for step in range(args.warmup + args.steps):
-            if step == args.warmup:
+        starts = [args.warmup] + [args.steps * e for e in range(1, epochs)] if epochs else [args.warmup]
+        results, start, before = [], None, (0, 0, 0)
+        for step in range(total_steps):
+            if step in starts:
+                if start is not None:
+                    results.append(_counted(worker, before, start))
                 start = time.perf_counter()
                 before = (worker.tokens_seen, worker.tokens_computed, worker.pairs_seen)
             worker.training_step()
             worker.step += 1
-        seconds = time.perf_counter() - start
+        results.append(_counted(worker, before, start))
         if profile:
             print_step_profile(worker)
-        after = (worker.tokens_seen, worker.tokens_computed, worker.pairs_seen)
-        return {"tokens": after[0] - before[0], "computed": after[1] - before[1], "pairs": after[2] - before[2],
-                "seconds": seconds}
+        return results if epochs else results[0]
+
+
+def _counted(worker, before: tuple[int, int, int], start: float) -> dict:
+    after = (worker.tokens_seen, worker.tokens_computed, worker.pairs_seen)
+    return {"tokens": after[0] - before[0], "computed": after[1] - before[1], "pairs": after[2] - before[2],
+            "seconds": time.perf_counter() - start}
 
 
 # What every TRL run of the benchmarks shares: CPU, no logging or saving, constant LR, counted input tokens.
@@ -150,7 +165,7 @@ def main() -> None:
                         help="compare today's path, dtype auto with full prompts, and dtype auto with the shared "
                              "prefix (instead of TRL)")
     parser.add_argument("--top-layers", type=int, default=0,
-                        help="with --shared-prefix: also train only the top N decoder layers (train_top_layers)")
+                        help="with --shared-prefix: also train only the top N decoder layers (train_top_layers), two epochs over --steps batches: the frozen trunk cache fills in the first, serves the second")
     parser.add_argument("--profile-step", action="store_true",
                         help="with --shared-prefix: print torch.profiler's operator table of one more step of the "
                              "dtype auto, shared-prefix path")
@@ -187,10 +202,12 @@ def main() -> None:
         bench_scaling(rows, args)
 
 
-def _mfu(result: dict, n_matmul: int, peak_gflops: float, trained_share: float = 1.0) -> float:
+def _mfu(result: dict, n_matmul: int, peak_gflops: float, trained_share: float = 1.0,
+         frozen_forward: bool = True) -> float:
     """Model FLOPs utilisation: forward 2, backward 4 FLOPs per matmul weight and token (backward only through
-    the `trained_share` of the layers that train)."""
-    flops_per_token = (2 + 4 * trained_share) * n_matmul
+    the `trained_share` of the layers that train; the frozen layers' forward only where it ran, not when their
+    output came from the frozen trunk's cache)."""
+    flops_per_token = ((2 if frozen_forward else 2 * trained_share) + 4 * trained_share) * n_matmul
     return flops_per_token * result["computed"] / result["seconds"] / (peak_gflops * 1e9)
 
 
@@ -203,8 +220,6 @@ def bench_shared_prefix(rows, args, peaks: dict[str, float], n_matmul: int, n_la
     variants = [("today: fp32, full prompts, batch 8", "float32", False, 8, 0),
                 (f"auto ({auto}), full prompts", auto, False, args.batch, 0),
                 (f"auto ({auto}), shared prefix", auto, True, args.batch, 0)]
-    if args.top_layers:
-        variants.append((f"auto, shared prefix, top {args.top_layers} layers", auto, True, args.batch, args.top_layers))
     print(f"\nSFT, {args.model}, post-CoT, {args.steps} timed steps after {args.warmup} warm-up")
     print(f"{'path':<36} {'pairs/s':>8} {'tokens/s':>9} {'vs today':>9} {'MFU':>6}")
     today = None
@@ -214,6 +229,14 @@ def bench_shared_prefix(rows, args, peaks: dict[str, float], n_matmul: int, n_la
         today = today or pairs_per_s
         print(f"{name:<36} {pairs_per_s:>8.2f} {r['tokens'] / r['seconds']:>9,.0f} {pairs_per_s / today:>8.2f}x "
               f"{_mfu(r, n_matmul, peaks[dtype], top / n_layers if top else 1.0):>6.1%}")
+    if args.top_layers:  # two epochs over the same --steps batches: the frozen trunk's cache fills, then serves
+        share = args.top_layers / n_layers
+        first, second = bench_ours(rows, args, auto, True, args.batch, args.top_layers, epochs=2)
+        for name, r, frozen_forward in ((f"auto, shared, top {args.top_layers}, epoch 1", first, True),
+                                        (f"auto, shared, top {args.top_layers}, epoch 2+", second, False)):
+            pairs_per_s = r["pairs"] / r["seconds"]
+            print(f"{name:<36} {pairs_per_s:>8.2f} {r['tokens'] / r['seconds']:>9,.0f} {pairs_per_s / today:>8.2f}x "
+                  f"{_mfu(r, n_matmul, peaks[auto], share, frozen_forward):>6.1%}")
 
 
 def bench_against_trl(rows, args, base, tokenizer, peaks: dict[str, float], n_params: int, n_matmul: int) -> None:

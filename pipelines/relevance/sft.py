@@ -32,9 +32,10 @@ from sklearn.metrics import f1_score
 from pipelines.relevance.model_card import MODEL_CARD
 from pipelines.relevance.models import ModelConfig
 from pipelines.training.config import TrainingConfig
+from pipelines.training.frozen_trunk import FrozenTrunk
 from pipelines.training.modeling import causal_lm_parts
 from pipelines.training.runtime import TrainingWorker, resolve_training_dtype, run_training
-from pipelines.training.shared_prefix import computed_tokens, prefix_hidden_states
+from pipelines.training.shared_prefix import common_prefix_length, computed_tokens, prefix_hidden_states
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,8 @@ def collate(input_ids: list[list[int]], starts: list[int], pad_id: int,
 
 def response_loss(model, batch: dict[str, torch.Tensor], level_ids: torch.Tensor | None = None,
                   level_loss_weight: float = 0.0, token_total: float | None = None,
-                  level_total: float | None = None, share_prefix: bool = True) -> torch.Tensor:
+                  level_total: float | None = None, share_prefix: bool = True,
+                  trunk: FrozenTrunk | None = None, rows: list[int] | None = None) -> torch.Tensor:
     """Weighted token-mean cross-entropy over response tokens (equals the HF loss when all weights are 1), plus
     `level_loss_weight` x the weighted mean 4-way cross-entropy over the logits of `level_ids` (the tokens of
     levels 1-4) at each pair's label position, when the batch carries levels (see :func:`collate`).
@@ -179,13 +181,18 @@ def response_loss(model, batch: dict[str, torch.Tensor], level_ids: torch.Tensor
     The output layer runs only at response positions: the prompt is most of each sequence, and on a
     49k-token vocabulary its logits would cost a fifth of the model's FLOPs and most of its activation memory.
     With `share_prefix` the instruction every prompt starts with is computed once per micro-batch
-    (:func:`pipelines.training.shared_prefix.prefix_hidden_states`): same loss and gradients.
+    (:func:`pipelines.training.shared_prefix.prefix_hidden_states`): same loss and gradients. With `trunk`
+    (top-layer training) the frozen layers' output for the training examples `rows` comes from its cache
+    (:mod:`pipelines.training.frozen_trunk`): same loss and gradients again.
     """
     parts = causal_lm_parts(model)
     if parts is None:
         raise TypeError(f"{type(model).__name__} has no decoder + lm_head to train with this loss")
     lm_head = parts[1]
-    hidden = prefix_hidden_states(model, batch["input_ids"], batch["attention_mask"], share_prefix=share_prefix)
+    if trunk is not None:
+        hidden = trunk.hidden_states(model, batch["input_ids"], batch["attention_mask"], rows)
+    else:
+        hidden = prefix_hidden_states(model, batch["input_ids"], batch["attention_mask"], share_prefix=share_prefix)
     weights = batch["weights"][:, 1:]
     keep = weights > 0
     logits = lm_head(hidden[:, :-1][keep])
@@ -237,7 +244,20 @@ class SFTWorker(TrainingWorker):
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.tokens_seen = self.tokens_computed = self.pairs_seen = 0  # this rank's tokens_computed
         self.seconds = 0.0
+        self.trunk = self.frozen_trunk(model)
         return model
+
+    def frozen_trunk(self, model) -> FrozenTrunk | None:
+        """The frozen layers' cache for top-layer training (`pipelines.training.frozen_trunk`), or None."""
+        if not self.config.train_top_layers:
+            return None
+        prefix = common_prefix_length(self.train["input_ids"])
+        why_not = "ZeRO-3 partitions the frozen layers too" if self.config.zero_stage == 3 else \
+            FrozenTrunk.usable(model, prefix)
+        if why_not:
+            log.info("sft: top-layer training recomputes the frozen layers every epoch: %s", why_not)
+            return None
+        return FrozenTrunk(model, self.train["input_ids"][0][:prefix])
 
     def training_step(self) -> dict[str, float]:
         import time
@@ -254,7 +274,8 @@ class SFTWorker(TrainingWorker):
                             [self.train["label"][i] for i in mine], self.level_weight[mine])
             token_total, level_total = (self.global_sum(loss_totals(batch)) / self.world).tolist()
             loss = response_loss(self.engine, {k: v.to(self.device) for k, v in batch.items()}, level_ids,
-                                 c.level_loss_weight, token_total, level_total, c.share_prefix)
+                                 c.level_loss_weight, token_total, level_total, c.share_prefix,
+                                 self.trunk, [int(i) for i in mine])
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.item())
@@ -267,7 +288,16 @@ class SFTWorker(TrainingWorker):
                           "train/tokens_per_s": self.tokens_seen / max(1e-9, self.seconds),
                           "train/pairs_per_s": self.pairs_seen / max(1e-9, self.seconds),
                           # tokens the decoder really ran per token of the full sequences (1 = no prefix shared)
-                          "train/computed_token_share": self.tokens_computed * self.world / max(1, self.tokens_seen)}
+                          "train/computed_token_share": self.tokens_computed * self.world / max(1, self.tokens_seen)} \
+            | self.trunk_metrics()
+
+    def trunk_metrics(self) -> dict[str, float]:
+        """How often the frozen layers' output came from the cache, and its size (this rank's)."""
+        if self.trunk is None:
+            return {}
+        looked_up = max(1, self.trunk.hits + self.trunk.misses)
+        return {"train/trunk_cache_hit_share": self.trunk.hits / looked_up,
+                "train/trunk_cache_gb": self.trunk.nbytes() / 1e9}
 
     def evaluate(self) -> dict[str, float]:
         from pipelines.relevance.scoring import first_token_probs

@@ -84,7 +84,9 @@ class TrainingConfig:
         default=0,
         metadata={"help": "Train only the top N decoder layers and the final norm (0 = every weight): the embeddings "
                   "(and an output layer tied to them) and the layers below stay frozen, so backward stops at layer "
-                  "N from the top (SmolLM2, 10 of 30 layers: about 1.8x less compute per step)."})
+                  "N from the top (SmolLM2, 10 of 30 layers: about 1.8x less compute per step). SFT also keeps the "
+                  "frozen layers' output per training example from its first epoch and runs only the top N in "
+                  "later ones: same loss and gradients (pipelines/training/frozen_trunk.py)."})
     share_prefix: bool = field(
         default=True,
         metadata={"help": "Compute the token prefix every sequence of a micro-batch shares (the instruction; the "

@@ -129,7 +129,9 @@ def build_engine(model, config: TrainingConfig, total_steps: int, ds_config: dic
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    # fused: one pass over each (ZeRO-flattened) fp32 master tensor instead of the loop implementation's five;
+    # on 2 CPU cores a SmolLM2 step took ~1 s (13% of a training step) unfused, 0.05 s fused (bench/optimizer.py).
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, config.warmup_ratio, config.lr_scheduler_type))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,

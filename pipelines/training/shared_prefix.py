@@ -38,8 +38,10 @@ class SharedPrefix:
     """The keys and values of a prefix every row of a batch starts with, computed once with batch size 1."""
 
     def __init__(self, cache):
-        self.layers = [(layer.keys, layer.values) for layer in cache.layers]
-        self.length = self.layers[0][0].shape[-2]
+        # by layer index: a run of part of the decoder (`frozen_trunk.decoder_slice`) fills only its layers' slots
+        self.layers = {i: (layer.keys, layer.values) for i, layer in enumerate(cache.layers)
+                       if layer.is_initialized}
+        self.length = next(iter(self.layers.values()))[0].shape[-2]
         self.reads = 0  # attention calls that read it in the last forward pass: a check that it reached them
 
     def check_read_by(self, model) -> None:
