@@ -65,13 +65,12 @@ def prepare(
     state = "reused (manifest matches; --force to redo)" if result.skipped else "done"
     typer.echo(f"prepare {dataset}: {state} -> {result.path}")
     print_table(f"{dataset}: rows per split", summary_rows(s))
-    reasons = s.get("quarantined_by_reason") or {}
     totals = {"read": s["rows_read"], "kept": s.get("rows_kept", sum(s.get("rows", {}).values())),
               "quarantined": s.get("rows_quarantined", s.get("quarantined", 0))}
     if s.get("rows_dropped_by_subsample"):
         totals["not sampled"] = s["rows_dropped_by_subsample"]
     print_table("rows read, kept and quarantined", [totals])
-    print_table("quarantined by reason", [{"reason": r, "rows": n} for r, n in reasons.items()])
+    print_table("quarantined by reason", s.get("quarantine_reasons") or [])
 
 
 @app.command()

@@ -31,6 +31,26 @@ def test_prepare_prints_summary_tables_and_reuses_work(root, shared_data):
     assert "reused (manifest matches" in second.stdout
 
 
+def test_a_quarantine_reason_quoting_the_input_is_data_not_a_metric_name(root, shared_data, tmp_path):
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking.runs import experiment_name, tracking_uri
+
+    good = pd.read_csv(shared_data / "crowdflower_search_relevance" / "train.csv", nrows=50)
+    bad = good.head(5).assign(id=good["id"].max() + 1 + pd.RangeIndex(5), median_relevance=7)
+    pd.concat([good, bad]).to_csv(tmp_path / "train.csv", index=False)
+    done = _searchrel("prepare", "--dataset", "crowdflower", "--path", str(tmp_path / "train.csv"), "--run-key", "q",
+                      "--root", str(root), "--set", "prepare.engine=pandas", "--set", "prepare.max_bad_fraction=0.2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "label '7' is not a valid level" in done.stdout
+    client = MlflowClient(tracking_uri(root))
+    [run] = client.search_runs([client.get_experiment_by_name(experiment_name("taosr1")).experiment_id],
+                               "tags.`searchrel.stage` = 'prepare'")
+    assert run.data.metrics["rows_quarantined"] == 5 and run.data.metrics["rows_kept"] == 50
+    assert not any("'" in name for name in run.data.metrics)
+
+
 def test_bad_config_is_a_clear_error(root, shared_data):
     done = _searchrel("prepare", "--dataset", "crowdflower", "--path", str(shared_data), "--run-key", "x",
                       "--root", str(root), "--set", "prepare.val_fraction=lots")

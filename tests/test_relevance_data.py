@@ -61,7 +61,7 @@ def test_homedepot_counts_and_cut_points(shared_data, tmp_path):
     expected = pd.cut(raw["relevance"], [0, 1.5, 2.25, 2.75, 3.0], labels=[1, 2, 3, 4]).astype(int)
     dropped = summary["rows_quarantined"]
     assert sum(abs(counts[k] - v) for k, v in expected.value_counts().items()) == dropped
-    assert set(summary["quarantined_by_reason"]) <= {"conflicting duplicate labels"}
+    assert {r["reason"] for r in summary["quarantine_reasons"]} <= {"conflicting duplicate labels"}
 
 
 def test_esci_examples_and_products_parquet_join(shared_data, tmp_path):

@@ -397,7 +397,9 @@ def prepare_relevance(dataset: str, path: Path, out_dir: Path, config: PrepareCo
         "rows_kept": int((~bad).sum()),
         "rows_quarantined": n_bad,
         "rows_dropped_by_subsample": int((~bad).sum() - len(kept)),
-        "quarantined_by_reason": {str(k): int(v) for k, v in quarantine["reason"].value_counts().items()},
+        # a table, not a mapping: reasons quote the input (a label '7'), so they must never become metric names
+        "quarantine_reasons": [{"reason": str(k), "rows": int(v)}
+                               for k, v in quarantine["reason"].value_counts().items()],
         "queries": {},
         "labels": {},
     }

@@ -8,6 +8,7 @@ stage reuses its child run instead of creating a second one.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Iterator, Mapping
@@ -16,8 +17,11 @@ from typing import Any
 
 import mlflow
 from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import path_not_unique, validate_param_and_metric_name
 
 from pipelines.config import to_dict
+
+log = logging.getLogger(__name__)
 
 TAG_PIPELINE = "searchrel.pipeline"
 TAG_RUN_KEY = "searchrel.run_key"
@@ -109,8 +113,13 @@ def log_stage_start(config: Any, inputs: Mapping[str, Path], digests: Mapping[st
 
 
 def log_summary(summary: Mapping[str, Any]) -> None:
+    """A stage's numbers as metrics (nested keys joined by '.'), the whole summary as summary.json."""
     metrics = {k: float(v) for k, v in _flatten(summary).items() if isinstance(v, int | float)
                and not isinstance(v, bool)}
+    refused = sorted(k for k in metrics if not validate_param_and_metric_name(k) or path_not_unique(k))
+    if refused:  # a key built from data: it stays in summary.json, and the stage does not fail over a name
+        log.warning("not logged as MLflow metrics (names MLflow refuses; see summary.json): %d key(s)", len(refused))
+        metrics = {k: v for k, v in metrics.items() if k not in refused}
     if metrics:
         mlflow.log_metrics(metrics)
     mlflow.log_dict(dict(summary), "summary.json")
