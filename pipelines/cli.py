@@ -182,7 +182,7 @@ def serve(
     root: RootOpt = None,
 ) -> None:
     """Serve models:/NAME@ALIAS over REST with `mlflow models serve` in this environment."""
-    from pipelines.tracking.runs import tracking_uri
+    from pipelines.tracking.runs import redacted, tracking_uri
 
     uri = tracking_uri(root or default_root())
     env = os.environ.copy()
@@ -191,7 +191,7 @@ def serve(
     # mlflow execs `uvicorn` by name: find this environment's even when the venv is not activated.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     model_uri = f"models:/{name}@{alias}"
-    typer.echo(f"serving {model_uri} from {env['MLFLOW_TRACKING_URI']} at http://{host}:{port}/invocations "
+    typer.echo(f"serving {model_uri} from {redacted(env['MLFLOW_TRACKING_URI'])} at http://{host}:{port}/invocations "
                "(Ctrl-C to stop)")
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
            "--host", host, "--port", str(port), "--workers", str(workers)]
@@ -223,11 +223,11 @@ def ui(
     port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
 ) -> None:
     """Start the MLflow UI on the embedded store (127.0.0.1 by default)."""
-    from pipelines.tracking.runs import tracking_uri
+    from pipelines.tracking.runs import redacted, tracking_uri
 
     root = root or default_root()
     uri = tracking_uri(root)
-    typer.echo(f"MLflow UI for {uri} at http://{host}:{port}  (Ctrl-C to stop)")
+    typer.echo(f"MLflow UI for {redacted(uri)} at http://{host}:{port}  (Ctrl-C to stop)")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     if uri.startswith("sqlite:"):
         cmd += ["--default-artifact-root", (Path(root) / "mlartifacts").as_uri()]

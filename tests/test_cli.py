@@ -16,9 +16,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _searchrel(*args, **kw):
+def _searchrel(*args, env=None, **kw):
     return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True,
-                          timeout=300, env=os.environ | {"PYTHONPATH": os.getcwd()}, **kw)
+                          timeout=300, env=(env or os.environ) | {"PYTHONPATH": os.getcwd()}, **kw)
 
 
 def test_prepare_prints_summary_tables_and_reuses_work(root, shared_data):
@@ -77,3 +77,22 @@ def test_ui_serves_mlflow_on_loopback(root):
     finally:
         os.killpg(proc.pid, 9)
         proc.wait()
+
+
+@pytest.mark.parametrize(("uri", "shown"), [
+    ("postgresql://ml:s3cr3t@db:5432/mlflow", "postgresql://ml:***@db:5432/mlflow"),
+    ("https://ghp_tok3n@mlflow.example.com/", "https://***@mlflow.example.com/"),
+    ("https://mlflow.example.com/?access_token=abc&page=2", "https://mlflow.example.com/?access_token=***&page=2"),
+    ("sqlite:////srv/searchrel/mlflow.db", "sqlite:////srv/searchrel/mlflow.db"),
+])
+def test_printed_tracking_uris_hide_credentials(uri, shown):
+    from pipelines.tracking.runs import redacted
+
+    assert redacted(uri) == shown
+
+
+def test_serve_does_not_print_the_tracking_password(root):
+    done = _searchrel("serve", "--root", str(root), "--port", str(_free_port()),
+                      env=os.environ | {"MLFLOW_TRACKING_URI": "postgresql://ml:s3cr3t@127.0.0.1:1/mlflow"})
+    first_line = done.stdout.splitlines()[0]
+    assert "serving models:/searchrel-taosr1@champion from postgresql://ml:***@127.0.0.1:1/mlflow" in first_line

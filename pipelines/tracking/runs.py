@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -31,6 +33,21 @@ TAG_PARENT = "mlflow.parentRunId"
 
 def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+def redacted(uri: str) -> str:
+    """`uri` fit to print: the password of `scheme://user:password@host` (or a lone user name, often a token)
+    becomes ***; so do the values of query parameters named like credentials (`?password=...`, `&token=...`)."""
+    parts = urlsplit(uri)
+    if parts.username is not None or parts.password is not None:
+        host = parts.netloc.rsplit("@", 1)[1]
+        user = f"{parts.username}:***" if parts.password is not None else "***"
+        uri = urlunsplit(parts._replace(netloc=f"{user}@{host}"))
+    return _SECRET_QUERY_VALUE.sub(r"\1=***", uri)
+
+
+_SECRET_QUERY_VALUE = re.compile(r"\b(\w*(?:password|passwd|pwd|token|secret|key|signature|sig|credential)\w*)=[^&#\s]+",
+                                 re.IGNORECASE)
 
 
 def experiment_name(pipeline: str) -> str:
