@@ -202,6 +202,13 @@ def test_tiny_pipeline_end_to_end(root, ray_local):
 
     again = run_autofas(spec)
     assert all(r.skipped for r in again.values())
+    from dataclasses import replace
+
+    from pipelines.preranking.pipeline import STAGE_FUNCTIONS
+
+    redone = STAGE_FUNCTIONS["register"](replace(spec, force=True))  # as an Airflow retry of the task would
+    assert not redone.skipped and redone.summary["version"] == reg["version"]
+    assert len(client.search_model_versions("name = 'searchrel-autofas'")) == 1
 
     _check_promotion(spec, results, client, rows)
 

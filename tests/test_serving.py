@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import mlflow
@@ -33,6 +34,7 @@ from pipelines.relevance.promotion import (
 from pipelines.relevance.serving import (
     PairScorer,
     ServingSettings,
+    log_relevance_model,
     read_serving_card,
     resolve_model,
     served_model,
@@ -76,7 +78,8 @@ def _worse_copy(model_dir: Path, out: Path) -> Path:
 def _register(root: Path, model_dir: Path, name: str, key: str) -> str:
     configure(root, "taosr1")
     with mlflow.start_run(experiment_id=configure(root, "taosr1"), run_name=f"register {key}"):
-        return register_version(model_dir, ServingSettings(), name=name, run_key=key, source_digest=key, tags={})
+        return register_version(partial(log_relevance_model, model_dir, ServingSettings()), name=name, run_key=key,
+                                source_digest=key, tags={})
 
 
 def test_register_stage_gives_a_challenger_and_the_gate_records_why(trained):

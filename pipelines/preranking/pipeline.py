@@ -10,12 +10,13 @@ the same rows and moves `champion` when the gate passes (pipelines/preranking/pr
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from pipelines.config import check_override_stages, load_stage_config
 from pipelines.relevance.pipeline import RunSpec
-from pipelines.stage import StageContext, StageResult, run_stage, stage_dir
+from pipelines.stage import StageContext, StageResult, path_digest, run_stage, stage_dir
 
 __all__ = ["PIPELINE", "STAGES", "RunSpec", "resolve_stages", "run_autofas", "stage_config"]
 
@@ -244,29 +245,29 @@ def report(spec: RunSpec) -> StageResult:
 
 def register(spec: RunSpec) -> StageResult:
     from pipelines.preranking.serving import choose_model, log_preranker
+    from pipelines.relevance.promotion import register_version
 
     def body(ctx: StageContext) -> dict[str, Any]:
         import mlflow
         import pandas as pd
-        from mlflow.tracking import MlflowClient
 
         cfg = ctx.config
         results = json.loads((ctx.inputs["retrain"] / "results.json").read_text())
         chosen, budget, within = choose_model(results, cfg)
         slug = chosen.get("same_as") or chosen["slug"]
         example = pd.read_parquet(ctx.inputs["prepare"] / "test.parquet").head(cfg.example_rows)
-        info = log_preranker(ctx.inputs["retrain"] / "models" / slug, example, registered_model_name=cfg.model_name)
-        version = str(info.registered_model_version)
-        client = MlflowClient()
-        client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
-        for key, value in {"searchrel.run_key": spec.run_key, "searchrel.model": chosen["name"],
-                           "searchrel.budget_us": f"{budget:.1f}", "searchrel.within_budget": str(within),
-                           "searchrel.test_auc": f"{chosen['test_auc']:.5f}"}.items():
-            client.set_model_version_tag(cfg.model_name, version, key, value)
+        model_dir = ctx.inputs["retrain"] / "models" / slug
+        # a retry (or --force) of this run key finds its version again instead of registering a second one
+        version = register_version(partial(log_preranker, model_dir, example), name=cfg.model_name,
+                                   run_key=spec.run_key, source_digest=path_digest(model_dir), alias=cfg.alias,
+                                   tags={"searchrel.model": chosen["name"], "searchrel.budget_us": f"{budget:.1f}",
+                                         "searchrel.within_budget": str(within),
+                                         "searchrel.test_auc": f"{chosen['test_auc']:.5f}"})
         mlflow.set_tag("registered_version", version)
         summary = {"model_name": cfg.model_name, "version": version, "alias": cfg.alias, "model": chosen["name"],
                    "slug": slug, "budget_us": budget, "within_budget": within, "latency_us": chosen["latency_us"],
-                   "val_auc": chosen["val_auc"], "test_auc": chosen["test_auc"], "model_uri": info.model_uri}
+                   "val_auc": chosen["val_auc"], "test_auc": chosen["test_auc"],
+                   "model_uri": f"models:/{cfg.model_name}/{version}"}
         (ctx.work_dir / "registered.json").write_text(json.dumps(summary, indent=1) + "\n")
         return summary
 
@@ -279,7 +280,6 @@ def promote(spec: RunSpec) -> StageResult:
     def body(ctx: StageContext) -> dict[str, Any]:
         import mlflow
 
-        from pipelines.stage import path_digest
 
         cfg = ctx.config
         registered = json.loads((ctx.inputs["register"] / "registered.json").read_text())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -441,7 +442,7 @@ def _registered_stage(spec: RunSpec, choice: str) -> str:
 
 def register(spec: RunSpec) -> StageResult:
     from pipelines.relevance.promotion import register_version
-    from pipelines.relevance.serving import ServingSettings
+    from pipelines.relevance.serving import ServingSettings, log_relevance_model
 
     model_stage = _registered_stage(spec, stage_config("register", spec).model_stage)
     evaluation = {model: stage for stage, model in EVALUATED_MODEL.items()}[model_stage]
@@ -459,7 +460,8 @@ def register(spec: RunSpec) -> StageResult:
         tags = {"searchrel.dataset_digest": path_digest(ctx.inputs["prepare"]), "searchrel.model_stage": model_stage,
                 "searchrel.test.macro_f1": f"{test['macro_f1']:.6f}", "searchrel.test.accuracy": f"{test['accuracy']:.6f}",
                 **{f"searchrel.test.f1_level_{k}": f"{v:.6f}" for k, v in test["f1_per_level"].items()}}
-        version = register_version(ctx.inputs["model"] / "model", settings, name=cfg.model_name, run_key=spec.run_key,
+        version = register_version(partial(log_relevance_model, ctx.inputs["model"] / "model", settings),
+                                   name=cfg.model_name, run_key=spec.run_key,
                                    source_digest=path_digest(ctx.inputs["model"]), tags=tags)
         summary = {"model_name": cfg.model_name, "version": version, "model_stage": model_stage,
                    "uri": f"models:/{cfg.model_name}/{version}", "beta": beta}

@@ -161,16 +161,15 @@ def _history(client, name: str) -> list[str]:
     return json.loads(tags.get(TAG_HISTORY, "[]"))
 
 
-def register_version(model_dir: Path, settings, *, name: str, run_key: str, source_digest: str,
-                     tags: dict[str, str]) -> str:
-    """Log and register the model (in the active MLflow run) unless this run key's version already exists.
+def register_version(log_model, *, name: str, run_key: str, source_digest: str, tags: dict[str, str],
+                     alias: str = CHALLENGER) -> str:
+    """Register the model `log_model(registered_model_name=name)` logs in the active MLflow run, tag it and
+    point `alias` at it, unless this run key already registered this source: both pipelines' register stages.
 
     The lookup by (run key, source digest) makes a retried register stage reuse its version instead of
     registering a second one.
     """
     from mlflow.exceptions import MlflowException
-
-    from pipelines.relevance.serving import log_relevance_model
 
     client = _client()
     try:
@@ -179,13 +178,13 @@ def register_version(model_dir: Path, settings, *, name: str, run_key: str, sour
         existing = []
     for version in existing:
         if version.tags.get(TAG_RUN_KEY) == run_key and version.tags.get(TAG_STAGE_DIGEST) == source_digest:
-            client.set_registered_model_alias(name, CHALLENGER, version.version)
+            client.set_registered_model_alias(name, alias, version.version)
             return str(version.version)
-    info = log_relevance_model(model_dir, settings, registered_model_name=name)
+    info = log_model(registered_model_name=name)
     version = str(info.registered_model_version)
     for key, value in {TAG_RUN_KEY: run_key, TAG_STAGE_DIGEST: source_digest, **tags}.items():
         client.set_model_version_tag(name, version, key, str(value))
-    client.set_registered_model_alias(name, CHALLENGER, version)
+    client.set_registered_model_alias(name, alias, version)
     return version
 
 
