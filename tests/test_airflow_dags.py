@@ -191,6 +191,38 @@ def test_warm_job_is_forked_with_the_callers_environment_cwd_and_exit_status(tmp
     assert local_job.submit(jobs[0], _probe(), warm=True) is False  # same id: no 2nd job
 
 
+def test_warm_server_survives_malformed_and_silent_clients_and_jobs_hold_no_socket(tmp_path):
+    import json
+    import socket
+
+    from operators.hooks import warm_jobs
+
+    first = tmp_path / "first"
+    assert local_job.submit(first, _probe("--fds"), cwd=str(REPO_ROOT), warm=True)
+    assert _wait_terminal(first, timeout=180) == "SUCCEEDED"
+    assert "started warm" in local_job.read_log(first)[0] and "sockets=0" in local_job.read_log(first)[0]
+    assert (first.stat().st_mode & 0o777, (first / "spec.json").stat().st_mode & 0o777,
+            (first / "job.log").stat().st_mode & 0o777) == (0o700, 0o600, 0o600)
+    sock_path = str(warm_jobs.socket_dir() / f"{warm_jobs.fingerprint()}.sock")
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.connect(sock_path)  # connects and says nothing
+    replies = []
+    for message in (b'{"job_dir": 1}\n', b"not json\n", b"[1, 2]\n", b'{"job_dir": "/tmp", "argv": ["x"]}\n',
+                    json.dumps({"job_dir": str(first), "argv": _probe("other"), "env": {}, "cwd": "/"}).encode()
+                    + b"\n"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(60)
+            conn.connect(sock_path)
+            conn.sendall(message)
+            replies.append(conn.makefile("rb").readline())
+    assert all(reply.startswith(b"error") for reply in replies), replies
+    second = tmp_path / "second"
+    local_job.submit(second, _probe(), cwd=str(REPO_ROOT), warm=True)
+    assert _wait_terminal(second, timeout=60) == "SUCCEEDED"
+    assert "started warm" in local_job.read_log(second)[0]  # the same server, still serving
+    silent.close()
+
+
 def test_warm_start_falls_back_to_a_cold_start(tmp_path, monkeypatch):
     monkeypatch.setenv("SEARCHREL_WARM_JOBS", "0")
     local_job.submit(tmp_path / "off", _probe(), cwd=str(REPO_ROOT), warm=True)

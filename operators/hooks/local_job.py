@@ -67,12 +67,13 @@ def submit(job_dir: Path, argv: list[str], env: dict[str, str] | None = None, cw
     job_dir = Path(job_dir)
     job_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
-        job_dir.mkdir()
+        job_dir.mkdir(mode=0o700)  # its spec and log may name secrets: this user's only
     except FileExistsError:
         return False
     spec = {"argv": list(argv), "env": dict(env or {}), "cwd": cwd, "submitted_at": time.time()}
     tmp = job_dir / "spec.json.tmp"
-    tmp.write_text(json.dumps(spec, indent=2))
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+        fh.write(json.dumps(spec, indent=2))
     os.replace(tmp, job_dir / "spec.json")
     if warm:
         from operators.hooks import warm_jobs
@@ -205,7 +206,7 @@ def supervise(job_dir: Path, launch: Launch) -> int:
     child = None
     stop_requested = False
 
-    with open(job_dir / "job.log", "ab", buffering=0) as log:
+    with open(os.open(job_dir / "job.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab", buffering=0) as log:
 
         def on_term(signum, frame):
             nonlocal stop_requested

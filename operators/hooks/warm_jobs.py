@@ -62,6 +62,9 @@ IMPORT_TIME_ENV = ("PYTHON", "LD_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOK
                    "OPENBLAS_", "CUDA_", "NCCL_", "DS_", "RAY_", "SEARCHREL_WARM", "SEARCHREL_CACHE")
 _START_TIMEOUT_S = 180.0
 _MAX_MESSAGE = 1 << 22
+# A client sends its whole request right after connecting; one that stays silent longer is dropped, so it
+# cannot hold up the jobs behind it (the server takes one connection at a time).
+_CLIENT_TIMEOUT_S = 5.0
 
 
 def enabled() -> bool:
@@ -210,7 +213,7 @@ def _run_module_in_child(argv: list[str], env: dict[str, str], cwd: str, log) ->
         os._exit(code)
 
 
-def _start_supervisor(request: dict, listener: socket.socket) -> None:
+def _start_supervisor(request: dict, listener: socket.socket, conn: socket.socket) -> None:
     from operators.hooks import local_job
 
     if os.fork():
@@ -218,6 +221,7 @@ def _start_supervisor(request: dict, listener: socket.socket) -> None:
     rc = 1
     try:
         listener.close()
+        conn.close()  # the job must not hold the client's connection (nor the server's socket) open
         os.setsid()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the supervisor waits for its job
         launch = local_job.Launch(
@@ -234,8 +238,9 @@ def _peer_uid(conn: socket.socket) -> int:
 
 
 def _read_request(conn: socket.socket) -> dict | None:
-    """The job request, or None for a connection closed without one (a client checking that the server is up)."""
-    conn.settimeout(30.0)
+    """The job request, or None for a connection closed without one (a client checking that the server is up).
+    Raises ValueError for anything that is not a well-formed request matching its job's spec.json."""
+    conn.settimeout(_CLIENT_TIMEOUT_S)
     data = b""
     while not data.endswith(b"\n"):
         chunk = conn.recv(65536)
@@ -245,6 +250,12 @@ def _read_request(conn: socket.socket) -> dict | None:
             raise ValueError("incomplete request")
         data += chunk
     request = json.loads(data)
+    if not (isinstance(request, dict) and isinstance(request.get("job_dir"), str)
+            and isinstance(request.get("cwd"), str) and isinstance(request.get("argv"), list)
+            and len(request["argv"]) >= 3 and all(isinstance(a, str) for a in request["argv"])
+            and isinstance(request.get("env"), dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in request["env"].items())):
+        raise ValueError("malformed request: expected job_dir, cwd (strings), argv (>= 3 strings), env (strings)")
     job_dir = Path(request["job_dir"])
     spec = json.loads((job_dir / "spec.json").read_text())
     if spec["argv"] != request["argv"] or (job_dir / "spec.json").stat().st_uid != os.getuid():
@@ -292,11 +303,11 @@ def serve(sock_path: Path, idle_s: float) -> None:
                         continue
                     sys.stdout.flush()
                     sys.stderr.flush()
-                    _start_supervisor(request, listener)
+                    _start_supervisor(request, listener, conn)
                     conn.sendall(b"ok\n")
                     print(f"started {request['argv'][2]} in {request['job_dir']}", flush=True)
-                except (OSError, ValueError, KeyError) as err:
-                    print(f"refused a request: {err!r}", flush=True)
+                except Exception as err:  # noqa: BLE001 - whatever a client sends, the server answers and goes on
+                    print(f"refused a request: {type(err).__name__}: {str(err)[:200]}", flush=True)
                     with contextlib.suppress(OSError):  # the client gave up; it starts the job cold
                         conn.sendall(f"error {err!r}\n".encode())
             last_work = time.time()
