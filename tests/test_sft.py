@@ -32,6 +32,8 @@ def test_zero_stages_train(judgments, tmp_path, zero_stage, ray_local):
     history = pd.read_parquet(out / "history.parquet")
     assert len(history) == 4 and history["train/loss"].notna().all()
     assert history["train/loss"].iloc[-1] < history["train/loss"].iloc[0]  # it learns
+    # validation at the end: the argmax figures, and whether the pairs are ordered at all
+    assert 0 <= summary["val_macro_f1"] <= 1 and -1 <= summary["val_expected_level_spearman"] <= 1
     assert (out / "model" / "model.safetensors").exists() and (out / "model" / "tokenizer.json").exists()
 
 

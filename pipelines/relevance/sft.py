@@ -308,16 +308,22 @@ class SFTWorker(TrainingWorker):
         probs = first_token_probs(self.engine.module, self.tokenizer, list(self.val["prompt"]), self.label_ids,
                                   max_length=self.config.max_length)
         predicted, gold = probs.argmax(1) + 1, self.val["label"].to_numpy()
-        # macro-F1 too: accuracy alone cannot tell a model that learnt the levels from one answering the majority
+        expected = probs @ np.arange(1, 5)
+        # macro-F1 too: accuracy alone cannot tell a model that learnt the levels from one answering the majority;
+        # and the rank correlation of the expected level with the gold one, which shows whether the model orders
+        # pairs at all before its argmax lands on the right levels (near 0: it has learnt only a prior)
         return {"val/first_token_accuracy": float((predicted == gold).mean()),
                 "val/macro_f1": float(f1_score(gold, predicted, labels=[1, 2, 3, 4], average="macro", zero_division=0)),
-                "val/predicted_levels": float(len(np.unique(predicted)))}
+                "val/predicted_levels": float(len(np.unique(predicted))),
+                "val/expected_level_spearman": float(pd.Series(expected).corr(pd.Series(gold), method="spearman"))
+                if len(np.unique(expected)) > 1 and len(np.unique(gold)) > 1 else 0.0}
 
     def summary(self) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
         return {"steps_per_epoch": self.steps_per_epoch, "epochs": self.total / self.steps_per_epoch,
                 "val_first_token_accuracy": last.get("val/first_token_accuracy"),
                 "val_macro_f1": last.get("val/macro_f1"),
+                "val_expected_level_spearman": last.get("val/expected_level_spearman"),
                 "tokens_per_s": last.get("train/tokens_per_s"), "pairs_per_s": last.get("train/pairs_per_s"),
                 "computed_token_share": last.get("train/computed_token_share")}
 
