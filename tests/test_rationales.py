@@ -377,10 +377,23 @@ def test_openai_teacher_answers_are_used_and_inconsistent_ones_fall_back(server:
 
 
 def test_openai_teacher_sends_the_key_from_the_environment(server: _Server, monkeypatch):
-    monkeypatch.setenv("MY_TEACHER_KEY", "sk-test-123")
-    out, _ = generate_rationales(_pairs().iloc[:1], _config(server, api_key_env="MY_TEACHER_KEY"))
+    monkeypatch.setenv("SEARCHREL_MY_TEACHER_KEY", "sk-test-123")
+    out, _ = generate_rationales(_pairs().iloc[:1], _config(server, api_key_env="SEARCHREL_MY_TEACHER_KEY"))
     assert server.requests[0]["headers"].get("Authorization") == "Bearer sk-test-123"
-    assert "sk-test-123" not in json.dumps(dataclasses.asdict(_config(server, api_key_env="MY_TEACHER_KEY")))
+    assert "sk-test-123" not in json.dumps(dataclasses.asdict(_config(server, api_key_env="SEARCHREL_MY_TEACHER_KEY")))
+
+
+def test_a_config_cannot_send_the_rows_or_another_secret_elsewhere(monkeypatch):
+    monkeypatch.delenv("SEARCHREL_TEACHER_HOSTS", raising=False)
+    with pytest.raises(ValueError, match="must name a variable starting with SEARCHREL_"):
+        RationaleConfig(backend="openai", base_url="http://127.0.0.1:8080/v1", api_key_env="MLFLOW_TRACKING_PASSWORD")
+    for url in ("https://teacher.example.com/v1", "http://10.0.0.7:8080/v1", "file:///etc/passwd"):
+        with pytest.raises(ValueError, match="not allowed|not an http"):
+            OpenAITeacher(RationaleConfig(backend="openai", base_url=url))
+    for url in ("http://127.0.0.1:8080/v1", "http://localhost:8080/v1", "http://[::1]:8080/v1"):
+        OpenAITeacher(RationaleConfig(backend="openai", base_url=url)).close()
+    monkeypatch.setenv("SEARCHREL_TEACHER_HOSTS", "teacher.example.com, other.example.org")
+    OpenAITeacher(RationaleConfig(backend="openai", base_url="https://Teacher.example.com/v1")).close()
 
 
 def test_openai_teacher_retries_transient_errors(server: _Server):

@@ -22,6 +22,7 @@ reasoning model write a rationale in five steps: query understanding -> item und
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import logging
 import math
@@ -34,12 +35,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 import httpx
 import pandas as pd
 import yaml
 
 from pipelines.relevance.prompts import LEVEL_NAMES
+
+TEACHER_HOSTS_ENV = "SEARCHREL_TEACHER_HOSTS"  # the deployment's allow-list of teacher hosts
+SECRET_ENV_PREFIX = "SEARCHREL_"  # the only environment variables a config may name as a key
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +70,8 @@ class RationaleConfig:
     base_url: str | None = field(
         default=None,
         metadata={"help": 'openai backend: the API root, e.g. "http://127.0.0.1:8080/v1" ("/chat/completions" '
-                          "is appended)."},
+                          "is appended). The training rows go there: its host must be loopback or listed in the "
+                          f"deployment's ${TEACHER_HOSTS_ENV} (comma-separated host names)."},
     )
     model: str | None = field(
         default=None, metadata={"help": "openai backend: the model name sent in each request (omitted if unset)."}
@@ -73,7 +79,9 @@ class RationaleConfig:
     api_key_env: str = field(
         default="SEARCHREL_TEACHER_API_KEY",
         metadata={"help": "openai backend: name of the environment variable holding the API key (the key itself "
-                          "never goes in a config); no Authorization header is sent when it is unset."},
+                          f"never goes in a config); it must start with {SECRET_ENV_PREFIX}, so a config cannot "
+                          "send another secret of the environment; no Authorization header is sent when it is "
+                          "unset."},
     )
     max_words: int = field(
         default=60,
@@ -106,6 +114,27 @@ class RationaleConfig:
             raise ValueError(f"max_words must be >= 20 (five steps need room), got {self.max_words}")
         if self.max_retries < 0 or self.concurrency < 1:
             raise ValueError("max_retries must be >= 0 and concurrency >= 1")
+        if self.api_key_env and not self.api_key_env.startswith(SECRET_ENV_PREFIX):
+            raise ValueError(f"api_key_env must name a variable starting with {SECRET_ENV_PREFIX} (got "
+                             f"{self.api_key_env!r}): put the teacher's key in e.g. SEARCHREL_TEACHER_API_KEY")
+
+
+def check_teacher_url(base_url: str) -> None:
+    """Refuse a teacher the deployment has not allowed: the rationales stage sends it the training rows (and
+    the API key). Loopback hosts are always allowed; others only when listed in $SEARCHREL_TEACHER_HOSTS."""
+    parts = urlsplit(base_url)
+    host = (parts.hostname or "").lower()
+    if parts.scheme not in ("http", "https") or not host:
+        raise ValueError(f"base_url {base_url!r} is not an http(s) URL")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    allowed = {h.strip().lower() for h in os.environ.get(TEACHER_HOSTS_ENV, "").split(",") if h.strip()}
+    if not loopback and host not in allowed:
+        raise ValueError(f"the teacher host {host!r} is not allowed: the rationales stage would send it the "
+                         f"training rows. Add it to ${TEACHER_HOSTS_ENV} in the deployment's environment "
+                         "(not in a run's overrides), or serve the teacher on 127.0.0.1.")
 
 
 # ------------------------------------------------------------------------------------------------ tokens
@@ -856,6 +885,7 @@ class OpenAITeacher:
                  client: httpx.Client | None = None):
         if not config.base_url:
             raise ValueError("the openai backend needs base_url (e.g. http://127.0.0.1:8080/v1)")
+        check_teacher_url(config.base_url)
         self.config = config
         self.rulebase = rulebase or default_rulebase(config.rules_path)
         self.url = config.base_url.rstrip("/") + "/chat/completions"
