@@ -52,7 +52,9 @@ def pipeline_params(*, stages: list[str], datasets: dict[str, str], default_data
                            title="Config overrides",
                            description="stage.field=value settings on top of the profile, one per entry (the "
                                        "CLI's --set), e.g. sft.num_train_epochs=1 or prepare.max_queries=30. An unknown "
-                                       "stage or field fails the stage with its name."),
+                                       "stage or field fails the stage with its name, and so does a promotion-"
+                                       "gate field (promote.min_macro_f1_gain, first_baseline, ...): those come "
+                                       "from the profile only, so a trigger cannot relax the gate."),
         "run_key": Param(None, type=["null", "string"], pattern=RUN_KEY_PATTERN, title="Run key",
                          description="Empty: the Airflow run id (made path-safe) names the run's output folder "
                                      "and MLflow parent run. Set it to continue an earlier run: its finished "

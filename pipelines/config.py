@@ -115,6 +115,20 @@ def build_config(cls: type[T], section: str, values: dict[str, Any] | None = Non
         raise ConfigError("; ".join(problems)) from None
 
 
+# Field metadata key of the promotion gate's settings: they come from the profile (or a deployment's own
+# profile file), never from a run's overrides, so a DAG trigger or a --set cannot relax the gate.
+GATE = "gate"
+
+
+def _refuse_gate_overrides(cls: type, values: dict[str, Any], stage: str) -> None:
+    gated = sorted(f.name for f in dataclasses.fields(cls) if f.metadata.get(GATE) and f.name in values)
+    if gated:
+        raise ConfigError(
+            f"{stage}.{gated[0]} is a promotion-gate setting and cannot be overridden for one run (a trigger must "
+            f"not relax the gate); set {', '.join(gated)} in the profile: a deployment uses its own profile file "
+            "(--profile path/to/profile.yaml)")
+
+
 def load_stage_config(
     cls: type[T],
     pipeline: str,
@@ -127,7 +141,9 @@ def load_stage_config(
     if profile is not None:
         section = load_profile(profile).get(pipeline) or {}
         values = dict(section.get(stage) or {})
-    values = _deep_merge(values, parse_overrides(overrides).get(stage, {}))
+    overridden = parse_overrides(overrides).get(stage, {})
+    _refuse_gate_overrides(cls, overridden, stage)
+    values = _deep_merge(values, overridden)
     return build_config(cls, stage, values)
 
 

@@ -219,7 +219,9 @@ def _check_promotion(spec, results, client, rows):
     from dataclasses import replace
 
     import mlflow
+    import yaml
 
+    from pipelines.config import ConfigError, load_profile
     from pipelines.preranking.pipeline import STAGE_FUNCTIONS
     from pipelines.preranking.promotion import PromoteConfig, promote_version
     from pipelines.preranking.serving import log_preranker
@@ -251,8 +253,15 @@ def _check_promotion(spec, results, client, rows):
     if not expected:
         # The tiny run's budget-bound student loses to logistic regression; bootstrap the registry without
         # the bars (a changed config reruns the stage).
-        bootstrap = replace(spec, overrides=["promote.first_baseline=none", "promote.latency_budget_us=1e9"])
-        first = STAGE_FUNCTIONS["promote"](bootstrap)
+        # (Gate settings come from a profile, never from overrides: a deployment's own profile file.)
+        with pytest.raises(ConfigError, match="promote.first_baseline is a promotion-gate setting"):
+            STAGE_FUNCTIONS["promote"](replace(spec, overrides=["promote.first_baseline=none"]))
+        profile = load_profile("tiny")
+        profile["autofas"]["promote"] = {**profile["autofas"].get("promote", {}), "first_baseline": "none",
+                                         "latency_budget_us": 1e9}
+        path = spec.root / "bootstrap-profile.yaml"
+        path.write_text(yaml.safe_dump(profile))
+        first = STAGE_FUNCTIONS["promote"](replace(spec, profile=str(path)))
         assert first.summary["promoted"] and "no AUC bar" in first.summary["reason"], first.summary
     assert str(client.get_model_version_by_alias(name, "champion").version) == reg["version"]
 

@@ -107,3 +107,30 @@ def test_the_gpu_profile_puts_every_training_and_sampling_stage_on_gpus():
         assert config.use_gpu, f"gpu profile: {stage}.use_gpu is off"
         workers = getattr(config, "num_workers", getattr(config, "num_actors", 0))
         assert workers > 1, f"gpu profile: {stage} runs on {workers} worker(s)"
+
+
+@pytest.mark.parametrize(("pipeline", "module", "field", "value"), [
+    ("taosr1", "pipelines.relevance.promotion", "min_macro_f1_gain", "-1"),
+    ("taosr1", "pipelines.relevance.promotion", "max_class_f1_drop", "1"),
+    ("taosr1", "pipelines.relevance.promotion", "first_baseline", "none"),
+    ("taosr1", "pipelines.relevance.promotion", "bootstrap_seed", "7"),
+    ("autofas", "pipelines.preranking.promotion", "min_auc_gain", "-1"),
+    ("autofas", "pipelines.preranking.promotion", "latency_budget_us", "1000000000.0"),
+])
+def test_a_run_cannot_relax_the_promotion_gate_but_a_profile_can_set_it(tmp_path, pipeline, module, field, value):
+    import importlib
+
+    import yaml
+
+    from pipelines.config import ConfigError, load_profile, load_stage_config
+
+    cls = importlib.import_module(module).PromoteConfig
+    with pytest.raises(ConfigError, match=rf"promote\.{field} is a promotion-gate setting.*--profile"):
+        load_stage_config(cls, pipeline, "promote", "tiny", [f"promote.{field}={value}"])
+    assert load_stage_config(cls, pipeline, "promote", "tiny", ["promote.batch_size=8"
+                             if pipeline == "taosr1" else "promote.latency_repeats=5"]) is not None
+    profile = load_profile("tiny")
+    profile[pipeline]["promote"] = {**(profile[pipeline].get("promote") or {}), field: yaml.safe_load(value)}
+    (tmp_path / "deployment.yaml").write_text(yaml.safe_dump(profile))
+    config = load_stage_config(cls, pipeline, "promote", tmp_path / "deployment.yaml")
+    assert getattr(config, field) == yaml.safe_load(value)

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines.config import GATE
 from pipelines.relevance.promotion import (
     CHAMPION,
     TAG_DECISION,
@@ -54,19 +55,19 @@ class PromoteConfig:
     """Settings of the `promote` stage (the AutoFAS promotion gate)."""
 
     model_name: str = field(default=DEFAULT_NAME, metadata={"help": "Registered model name in MLflow."})
-    min_auc_gain: float = field(default=0.001, metadata={
+    min_auc_gain: float = field(default=0.001, metadata={GATE: True,
         "help": "The challenger's test AUC must exceed the champion's (or, with no champion, the logistic "
                 "baseline's) by more than this."})
-    latency_tolerance: float = field(default=0.1, metadata={
+    latency_tolerance: float = field(default=0.1, metadata={GATE: True,
         "help": "The challenger's measured latency may exceed the champion's (timed side by side) or the "
                 "first champion's budget by at most this fraction (timing noise)."})
-    latency_budget_us: float = field(default=0.0, metadata={
+    latency_budget_us: float = field(default=0.0, metadata={GATE: True,
         "help": "With no champion yet: latency budget per batch of candidates (us); 0 = the budget the "
                 "register stage used (registered.json)."})
-    first_baseline: str = field(default="logistic", metadata={
+    first_baseline: str = field(default="logistic", metadata={GATE: True,
         "help": "With no champion yet: logistic (the first model must beat the run's logistic-regression "
                 "baseline on the same rows) or none (no AUC bar; the latency budget still applies)."})
-    eval_split: str = field(default="test", metadata={
+    eval_split: str = field(default="test", metadata={GATE: True,
         "help": "Which split of the run's prepare stage is the frozen evaluation set (test or val)."})
     max_rows: int = field(default=0, metadata={"help": "Seeded subsample of the evaluation rows; 0 = all."})
     seed: int = field(default=0, metadata={"help": "Seed of the subsample."})

@@ -26,6 +26,7 @@ from typing import Any
 
 import pandas as pd
 
+from pipelines.config import GATE
 from pipelines.training.config import Dtype
 
 CHAMPION = "champion"
@@ -59,22 +60,22 @@ class PromoteConfig:
     """Settings of the `promote` stage (the promotion gate)."""
 
     model_name: str = field(default=DEFAULT_NAME, metadata={"help": "Registered model name in MLflow."})
-    min_macro_f1_gain: float = field(default=0.005, metadata={
+    min_macro_f1_gain: float = field(default=0.005, metadata={GATE: True,
         "help": "The lower bound of the 95% interval of the challenger's macro-F1 minus the champion's (paired "
                 "bootstrap over the evaluation rows' queries) must be above this."})
-    max_class_f1_drop: float = field(default=0.02, metadata={
+    max_class_f1_drop: float = field(default=0.02, metadata={GATE: True,
         "help": "No level's F1 may fall by more than this against the champion."})
-    first_baseline: str = field(default="lexical", metadata={
+    first_baseline: str = field(default="lexical", metadata={GATE: True,
         "help": "With no champion yet: lexical (the first model must beat the lexical baseline's macro-F1 on "
                 "the same rows: the paired interval's lower bound above 0) or none (bootstrap a registry "
                 "without a bar; say why in the run)."})
-    eval_split: str = field(default="test", metadata={
+    eval_split: str = field(default="test", metadata={GATE: True,
         "help": "Which split of the run's prepare stage is the frozen evaluation set (test or val)."})
     max_examples: int = field(default=0, metadata={"help": "Seeded subsample of the evaluation rows; 0 = all."})
     seed: int = field(default=0, metadata={"help": "Seed of the subsample."})
-    n_boot: int = field(default=1000, metadata={
+    n_boot: int = field(default=1000, metadata={GATE: True,
         "help": "Resamples of the paired bootstrap over queries behind the gate's macro-F1 interval."})
-    bootstrap_seed: int = field(default=0, metadata={"help": "Seed of the paired bootstrap (the gate is "
+    bootstrap_seed: int = field(default=0, metadata={GATE: True, "help": "Seed of the paired bootstrap (the gate is "
                                                              "deterministic given it)."})
     batch_size: int = field(default=32, metadata={"help": "Pairs per forward pass."})
     lock_timeout_s: float = field(default=3600.0, metadata={
