@@ -55,11 +55,12 @@ def prepare(
     from pipelines.config import ConfigError
     from pipelines.data.prepare import run_prepare, summary_rows
     from pipelines.data.relevance import DataError
+    from pipelines.stage import RunLockedError
 
     try:
         result = run_prepare(dataset=dataset, path=path, run_key=run_key, root=root or default_root(),
                              profile=profile, overrides=set_, force=force)
-    except (ConfigError, DataError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, DataError, ValueError, FileNotFoundError, RunLockedError) as err:
         _fail(str(err))
     s = result.summary
     state = "reused (manifest matches; --force to redo)" if result.skipped else "done"
@@ -88,6 +89,7 @@ def run(
     """Run pipeline stages in-process (no Airflow), in order, and print a summary per stage."""
     from pipelines.config import ConfigError
     from pipelines.data.relevance import DataError
+    from pipelines.stage import RunLockedError
 
     if pipeline == "autofas":
         from pipelines.preranking.pipeline import cli_run
@@ -95,7 +97,7 @@ def run(
         try:
             cli_run(run_key=run_key, dataset=dataset, path=path, stages=stages, profile=profile, overrides=set_ or [],
                     root=(root or default_root()).resolve(), force=force, print_table=print_table)
-        except (ConfigError, ValueError, FileNotFoundError) as err:
+        except (ConfigError, ValueError, FileNotFoundError, RunLockedError) as err:
             _fail(str(err))
         return
     if pipeline != "taosr1":
@@ -106,7 +108,7 @@ def run(
                    path=path.resolve() if path else None, profile=profile, overrides=set_ or [], force=force)
     try:
         results = run_taosr1(spec, [s.strip() for s in stages.split(",") if s.strip()])
-    except (ConfigError, DataError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, DataError, ValueError, FileNotFoundError, RunLockedError) as err:
         _fail(str(err))
     rows = [{"stage": name, "state": "reused" if r.skipped else "done", "output": str(r.path)}
             for name, r in results.items()]

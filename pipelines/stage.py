@@ -7,22 +7,35 @@ Layout under the artifact root:
     <root>/<pipeline>/<run_key>/.checkpoints/<stage>/  training checkpoints, kept across kills for resume
 
 A stage's output folder appears only by `os.rename` of a complete temporary folder, so a killed stage leaves no
-output folder; its leftover temporary folder is removed by the next run. A rerun whose manifest matches the
+output folder; its leftover temporary folder is removed by the next run.
+
+    <root>/<pipeline>/<run_key>/.lock-<stage>       held by the one process running the stage (`stage_lock`)
+
+Two runs of one stage of one run key (a CLI run beside a DAG run, an orphaned job beside its retry) would share
+its temporary folders and checkpoints: a stage takes its lock first, and a second one is refused with the
+holder's host and pid. The lock is per stage, not per run key, because a DAG run's own stages run in parallel
+(rationales beside baselines). It is an OS file lock, released when its holder exits however it dies, so a dead
+holder never blocks the next run; leftovers (`.tmp-<stage>-*`, `.old-<stage>-*`) are removed only under the
+lock, when no live run owns them. A rerun whose manifest matches the
 config, the input digests and the output digests returns the recorded outputs without running anything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
+import sys
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -119,6 +132,48 @@ class StageResult:
         return self.manifest.get("summary", {})
 
 
+class RunLockedError(RuntimeError):
+    """Another live process is running this stage of this run key."""
+
+
+_HELD_LOCKS: dict[Path, list] = {}  # lock file -> [open file, depth]: a process re-enters its own lock
+
+
+@contextlib.contextmanager
+def stage_lock(root: Path, pipeline: str, run_key: str, stage: str) -> Iterator[None]:
+    """Hold the stage's lock (`<run>/.lock-<stage>`) for the block; RunLockedError at once if another process
+    holds it."""
+    path = (run_dir(Path(root), pipeline, run_key) / f".lock-{stage}").resolve()
+    if path in _HELD_LOCKS:
+        _HELD_LOCKS[path][1] += 1
+        try:
+            yield
+        finally:
+            _HELD_LOCKS[path][1] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(os.open(path, os.O_RDWR | os.O_CREAT, 0o600), "r+")  # noqa: SIM115 (held past this block)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunLockedError(
+            f"stage {stage} of run {pipeline}/{run_key} is running in {holder}; wait for it to end (or stop it), "
+            "or use another run key") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M:%S} "
+                 f"UTC ({' '.join(sys.argv)[:200]})")
+    handle.flush()
+    _HELD_LOCKS[path] = [handle, 1]
+    try:
+        yield
+    finally:
+        del _HELD_LOCKS[path]
+        handle.close()  # releases the lock
+
+
 def run_dir(root: Path, pipeline: str, run_key: str) -> Path:
     if not run_key or "/" in run_key or run_key.startswith("."):
         raise ValueError(f"run key {run_key!r} must be non-empty, without '/' and not start with '.'")
@@ -189,12 +244,20 @@ def run_stage(
         log.info("stage %s/%s/%s: manifest matches, reusing %s", pipeline, run_key, stage, out)
         return StageResult(out, previous, skipped=True)
 
-    base.mkdir(parents=True, exist_ok=True)
+    with stage_lock(root, pipeline, run_key, stage):
+        return _run_locked(root, pipeline, run_key, stage, config, inputs, input_digests, cfg_digest, body, force,
+                           tracking)
+
+
+def _run_locked(root, pipeline, run_key, stage, config, inputs, input_digests, cfg_digest, body, force,
+                tracking) -> StageResult:
+    base = run_dir(root, pipeline, run_key)
+    out = base / stage
     checkpoints = base / ".checkpoints" / stage
     if force and checkpoints.exists():
         log.info("stage %s/%s/%s: --force clears its checkpoints in %s", pipeline, run_key, stage, checkpoints)
         shutil.rmtree(checkpoints)
-    for stale in base.glob(f".tmp-{stage}-*"):
+    for stale in [*base.glob(f".tmp-{stage}-*"), *base.glob(f".old-{stage}-*")]:  # no live run owns them
         shutil.rmtree(stale, ignore_errors=True)
     work = base / f".tmp-{stage}-{uuid.uuid4().hex[:8]}"
     work.mkdir()

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -12,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipelines.data.prepare import run_prepare
-from pipelines.stage import file_digest, read_manifest, run_stage
+from pipelines.stage import RunLockedError, file_digest, read_manifest, run_stage, stage_lock
 from pipelines.tracking import runs
 
 
@@ -117,7 +118,37 @@ def test_failing_stage_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         run_stage(root=tmp_path, pipeline="p", run_key="r", stage="s", config={}, inputs={}, body=body,
                   tracking=False)
-    assert list((tmp_path / "p" / "r").iterdir()) == []
+    assert [p.name for p in (tmp_path / "p" / "r").iterdir()] == [".lock-s"]  # only the stage's (released) lock
+
+
+def test_a_second_run_of_a_running_stage_is_refused_and_a_dead_holder_blocks_nothing(tmp_path):
+    script = tmp_path / "killable.py"
+    script.write_text(KILLABLE)
+    flag = tmp_path / "started"
+    env = os.environ | {"PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), str(flag), "hang"], env=env)
+    deadline = time.time() + 60
+    while not flag.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert flag.exists(), "the stage never started"
+    live_tmp = list((tmp_path / "p" / "r").glob(".tmp-s-*"))
+    ran = []
+    with pytest.raises(RunLockedError,
+                       match=rf"stage s of run p/r is running in pid {proc.pid} on {socket.gethostname()}"):
+        run_stage(root=tmp_path, pipeline="p", run_key="r", stage="s", config={"n": 2}, inputs={},
+                  body=lambda ctx: ran.append(1), tracking=False)
+    assert not ran and list((tmp_path / "p" / "r").glob(".tmp-s-*")) == live_tmp  # the live run's work untouched
+    for key, stage in (("r", "other"), ("other-key", "s")):  # a DAG run's parallel stages; other run keys
+        run_stage(root=tmp_path, pipeline="p", run_key=key, stage=stage, config={}, inputs={},
+                  body=lambda ctx: ran.append(0), tracking=False)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (tmp_path / "p" / "r" / ".old-s-deadbeef").mkdir()  # a kill between the two renames of an output swap
+    with stage_lock(tmp_path, "p", "r", "s"):  # re-entered by the stage below, in this process
+        run_stage(root=tmp_path, pipeline="p", run_key="r", stage="s", config={"n": 2}, inputs={},
+                  body=lambda ctx: ran.append(1), tracking=False)
+    assert ran == [0, 0, 1]
+    assert not list((tmp_path / "p" / "r").glob(".tmp-s-*")) and not list((tmp_path / "p" / "r").glob(".old-s-*"))
 
 
 def test_force_clears_the_stage_checkpoints_and_a_plain_rerun_keeps_them(tmp_path):

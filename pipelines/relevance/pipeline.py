@@ -541,7 +541,4 @@ def resolve_stages(names: list[str] | None) -> list[str]:
 def run_taosr1(spec: RunSpec, stages: list[str] | None = None) -> dict[str, StageResult]:
     check_override_stages(spec.overrides, {"prepare", "rationales", "baselines", "sft", "evaluate", "sample",
                                            "dpo", "grpo", "register", "promote"})
-    results = {}
-    for stage in resolve_stages(stages):
-        results[stage] = STAGE_FUNCTIONS[stage](spec)
-    return results
+    return {stage: STAGE_FUNCTIONS[stage](spec) for stage in resolve_stages(stages)}
