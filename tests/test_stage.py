@@ -88,7 +88,8 @@ KILLABLE = textwrap.dedent("""
 """)
 
 
-def test_sigkill_mid_write_leaves_no_output_and_next_run_completes(tmp_path):
+def _hanging_stage(tmp_path):
+    """A process running stage p/r/s that hangs half-way through writing; returns it, the script, flag, env."""
     script = tmp_path / "killable.py"
     script.write_text(KILLABLE)
     flag = tmp_path / "started"
@@ -98,6 +99,11 @@ def test_sigkill_mid_write_leaves_no_output_and_next_run_completes(tmp_path):
     while not flag.exists() and time.time() < deadline:
         time.sleep(0.05)
     assert flag.exists(), "the stage never started"
+    return proc, script, flag, env
+
+
+def test_sigkill_mid_write_leaves_no_output_and_next_run_completes(tmp_path):
+    proc, script, flag, env = _hanging_stage(tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     out = tmp_path / "p" / "r" / "s"
@@ -122,15 +128,7 @@ def test_failing_stage_leaves_nothing(tmp_path):
 
 
 def test_a_second_run_of_a_running_stage_is_refused_and_a_dead_holder_blocks_nothing(tmp_path):
-    script = tmp_path / "killable.py"
-    script.write_text(KILLABLE)
-    flag = tmp_path / "started"
-    env = os.environ | {"PYTHONPATH": os.getcwd()}
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), str(flag), "hang"], env=env)
-    deadline = time.time() + 60
-    while not flag.exists() and time.time() < deadline:
-        time.sleep(0.05)
-    assert flag.exists(), "the stage never started"
+    proc, *_ = _hanging_stage(tmp_path)
     live_tmp = list((tmp_path / "p" / "r").glob(".tmp-s-*"))
     ran = []
     with pytest.raises(RunLockedError,
