@@ -300,12 +300,12 @@ def test_sampled_completions_are_seeded_and_end_at_eos(sft_model):
 
 @pytest.fixture(scope="module")
 def single_process_group():
-    """A one-rank gloo process group in this process, for a DeepSpeed engine outside Ray (once per module:
-    DeepSpeed keeps a handle on the first group, so a second init in the same process fails)."""
+    """A one-rank gloo process group in this process, for a DeepSpeed engine outside Ray. It is left standing
+    for the rest of the session: DeepSpeed caches its groups against the first world group, so destroying it
+    breaks every later in-process engine (test_frozen_trunk's, which reuses the group)."""
     import socket
 
     import deepspeed
-    import torch.distributed as dist
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -316,7 +316,6 @@ def single_process_group():
             mp.setenv(key, value)
         deepspeed.init_distributed(dist_backend="gloo")
         yield
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo"])

@@ -223,7 +223,9 @@ def _init_local_process_group() -> None:
     import deepspeed
     import torch.distributed as dist
 
-    if dist.is_initialized():
+    if dist.is_initialized():  # adopt it (a test's, or an earlier local worker's); DeepSpeed reads these
+        rank = str(dist.get_rank())
+        os.environ.update(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=str(dist.get_world_size()))
         return
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
