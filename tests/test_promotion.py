@@ -131,6 +131,9 @@ class _Registry:
     def set_registered_model_tag(self, name, key, value):
         self.tags[key] = value
 
+    def delete_registered_model_tag(self, name, key):
+        del self.tags[key]
+
     def set_model_version_tag(self, name, version, key, value):
         pass
 
@@ -142,6 +145,7 @@ def test_promote_scores_both_on_the_same_rows_and_gates_on_their_paired_interval
     answers = {"1": champion, "2": _mixed(rows, champion), "3": _noisy(labels, 0.9, seed=2)}
     registry = _Registry(champion="1")
     monkeypatch.setattr(promotion, "_client", lambda: registry)
+    monkeypatch.setenv("SEARCHREL_LOCK_DIR", str(tmp_path / "locks"))
     monkeypatch.setattr(promotion, "score_version",
                         lambda name, version, r, batch_size: _one_hot(answers[version]))
     cfg = PromoteConfig(n_boot=500, bootstrap_seed=3)
@@ -153,6 +157,7 @@ def test_promote_scores_both_on_the_same_rows_and_gates_on_their_paired_interval
 
     clear = promote(tmp_path, "m", "3", rows, rows, cfg)
     assert clear.promoted and registry.aliases[CHAMPION] == "3" and clear.paired["macro_f1"]["ci_low"] > 0
+    assert registry.tags == {promotion.TAG_HISTORY: '["3"]'}  # the champion move's record is gone
 
     # No champion yet: the same interval against the lexical baseline on the same rows.
     monkeypatch.setattr(promotion, "_client", lambda: _Registry())

@@ -21,14 +21,15 @@ The gate (decision recorded as the stage's decision.json, MLflow metrics and tag
 - a champion whose feature encoding (feature_spec.json) differs from the run's prepare output cannot be
   scored on these rows: the champion is kept and the reason says so.
 
-Locking, the champion history (for `searchrel rollback searchrel-autofas`) and the decision tag are the
-generic helpers of `pipelines.relevance.promotion`, shared with the TaoSR1 gate.
+The registry lock (keyed by registry and model name, not by artifact root), the champion move (alias, champion
+history for `searchrel rollback searchrel-autofas` and decision tag through one write-ahead record that the next
+promote or rollback completes after a crash) and registration (`register_version`, idempotent per run key and
+source) are the shared helpers of `pipelines.relevance.promotion`, used by the TaoSR1 gate too.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,13 +37,10 @@ from typing import Any
 from pipelines.config import GATE
 from pipelines.relevance.promotion import (
     CHAMPION,
-    TAG_DECISION,
-    TAG_HISTORY,
     Decision,
     _alias_version,
-    _client,
-    _history,
-    registry_lock,
+    champion_session,
+    record_decision,
 )
 
 __all__ = ["PromoteConfig", "gate", "promote_version"]
@@ -151,17 +149,18 @@ def measure(models: dict[str, Path], prepare_dir: Path, latency_dir: Path, cfg: 
     return out
 
 
-def promote_version(root: Path, name: str, challenger_version: str, prepare_dir: Path, latency_dir: Path,
+def promote_version(root: Path | None, name: str, challenger_version: str, prepare_dir: Path, latency_dir: Path,
                     baseline_dir: Path | None, budget_us: float, cfg: PromoteConfig,
                     eval_digest: str = "") -> Decision:
-    """Run the gate for `challenger_version` and move `champion` if it passes; returns the recorded decision."""
+    """Run the gate for `challenger_version` and move `champion` if it passes; returns the recorded decision.
+
+    `root` (the artifact root) is not used: the lock is the registry's."""
     if cfg.eval_split not in ("test", "val"):
         raise ValueError(f"promote.eval_split must be test or val, not {cfg.eval_split!r}")
     if cfg.first_baseline not in ("logistic", "none"):
         raise ValueError(f"promote.first_baseline must be logistic or none, not {cfg.first_baseline!r}")
-    client = _client()
     challenger_version = str(challenger_version)
-    with registry_lock(root, name, cfg.lock_timeout_s):
+    with champion_session(name, cfg.lock_timeout_s) as (client, _):
         champion_version = _alias_version(client, name, CHAMPION)
         if champion_version == challenger_version:
             return Decision(False, "already champion", challenger_version, champion_version, {}, None,
@@ -188,11 +187,5 @@ def promote_version(root: Path, name: str, challenger_version: str, prepare_dir:
             promoted, reason = gate(challenger, champion, baseline, budget_us, cfg)
         decision = Decision(promoted, reason, challenger_version, champion_version, challenger, champion,
                             baseline, eval_rows=n_rows, eval_digest=eval_digest)
-        if promoted:
-            history = _history(client, name)
-            client.set_registered_model_alias(name, CHAMPION, challenger_version)
-            client.set_registered_model_tag(name, TAG_HISTORY, json.dumps([*history, challenger_version]))
-        record = {"promoted": promoted, "reason": reason, "champion_before": champion_version,
-                  "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        client.set_model_version_tag(name, challenger_version, TAG_DECISION, json.dumps(record))
+        record_decision(client, name, challenger_version, champion_version, promoted, reason)
         return decision

@@ -10,19 +10,52 @@
               lexical baseline trained on the run's training split the same way (interval above 0).
     rollback: move `champion` back to the version that held it before.
 
-Promotions of one registered model are serialised by a lock file under the artifact root (shared storage on a
-cluster), and the champion is read again inside the lock, so two promotions at once compare against each
-other's outcome instead of racing: exactly one champion, and every decision recorded. MLflow's alias move
-itself is one registry write. The champion history (for rollback) is a registered-model tag.
+The registry lock. Promotions and rollbacks of one registered model are serialised by an OS file lock
+(`fcntl.flock`, released when its holder exits however it dies) keyed by the registry, not by the artifact root:
+the file is `<lock dir>/<model>-<hash>.lock`, the hash of the registry's identity (the registry URI, which is the
+tracking URI unless MLFLOW_REGISTRY_URI says otherwise, without credentials, query or trailing slash; a SQLite or
+file store by its resolved path) and the model name. So two runs, or a rollback with another `--root`, against
+the same registry and model take the same lock. The lock dir is
+
+    $SEARCHREL_LOCK_DIR                     when set (a folder every promoting host sees, for a remote registry
+                                            used from several machines);
+    <store's folder>/.searchrel-locks       for a SQLite or file store (beside mlflow.db), which everyone who can
+                                            write the store can reach;
+    ~/.cache/searchrel/locks                for a remote registry ($XDG_CACHE_HOME/searchrel/locks): serialises
+                                            the promotions of one machine only; set SEARCHREL_LOCK_DIR on a cluster.
+
+The champion is read again inside the lock, so two promotions at once compare against each other's outcome
+instead of racing: exactly one champion, and every decision recorded. The lock file names the holder (pid, host,
+since when); a wait past the timeout raises RegistryLockTimeout naming it. No credential of the URI is written
+or printed (`pipelines.tracking.runs.redacted`).
+
+Alias and history change together. The `champion` alias and the champion history (the registered-model tag
+`searchrel.champion_history`, which rollback reads) are two registry objects and MLflow has no transactions, so
+every champion move is a write-ahead record: first one registered-model tag `searchrel.champion_pending` holding
+the whole change (operation, new champion, new history, the decision tag for the version), then the alias, the
+history and the decision tag, then the record is deleted. Every promote and rollback first completes a record it
+finds (a crash left it; each write is idempotent, so completing twice is harmless). A crash before the record
+is written changed nothing; after it, the change is rolled forward. A rollback that finds an unfinished rollback
+completes that one and reports it, instead of rolling back a second version: the repeated command is the retry.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
 import json
+import logging
+import os
+import re
+import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pandas as pd
 
@@ -32,10 +65,14 @@ from pipelines.training.config import Dtype
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 TAG_HISTORY = "searchrel.champion_history"
+TAG_PENDING = "searchrel.champion_pending"  # the write-ahead record of a champion move (see the module doc)
+LOCK_DIR_ENV = "SEARCHREL_LOCK_DIR"
 TAG_DECISION = "searchrel.decision"
 TAG_RUN_KEY = "searchrel.run_key"
 TAG_STAGE_DIGEST = "searchrel.source_digest"
 DEFAULT_NAME = "searchrel-taosr1"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -148,6 +185,17 @@ def _client():
     return MlflowClient()
 
 
+def _registry_uri() -> str:
+    """The registry URI `_client()` talks to (MLflow's current one)."""
+    import mlflow
+
+    return mlflow.get_registry_uri()
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def _alias_version(client, name: str, alias: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
@@ -164,12 +212,16 @@ def _history(client, name: str) -> list[str]:
 
 def register_version(log_model, *, name: str, run_key: str, source_digest: str, tags: dict[str, str],
                      alias: str = CHALLENGER) -> str:
-    """Register the model `log_model(registered_model_name=name)` logs in the active MLflow run, tag it and
-    point `alias` at it, unless this run key already registered this source: both pipelines' register stages.
+    """Register the model `log_model()` logs in the active MLflow run (it returns MLflow's ModelInfo), tag it
+    and point `alias` at it, unless this run key already registered this source: both pipelines' register
+    stages.
 
     The lookup by (run key, source digest) makes a retried register stage reuse its version instead of
-    registering a second one.
+    registering a second one. The version is created together with those tags (the model is logged first, then
+    registered with its tags in one registry call), so a register killed at any point leaves no version or a
+    tagged one its retry finds: never an untagged version that a retry would register again.
     """
+    import mlflow
     from mlflow.exceptions import MlflowException
 
     client = _client()
@@ -181,10 +233,10 @@ def register_version(log_model, *, name: str, run_key: str, source_digest: str, 
         if version.tags.get(TAG_RUN_KEY) == run_key and version.tags.get(TAG_STAGE_DIGEST) == source_digest:
             client.set_registered_model_alias(name, alias, version.version)
             return str(version.version)
-    info = log_model(registered_model_name=name)
-    version = str(info.registered_model_version)
-    for key, value in {TAG_RUN_KEY: run_key, TAG_STAGE_DIGEST: source_digest, **tags}.items():
-        client.set_model_version_tag(name, version, key, str(value))
+    info = log_model()
+    all_tags = {key: str(value) for key, value in {TAG_RUN_KEY: run_key, TAG_STAGE_DIGEST: source_digest,
+                                                   **tags}.items()}
+    version = str(mlflow.register_model(info.model_uri, name, tags=all_tags).version)
     client.set_registered_model_alias(name, alias, version)
     return version
 
@@ -209,19 +261,176 @@ def lexical_probs(train: pd.DataFrame, rows: pd.DataFrame):
     return LexicalBaseline().fit(train).predict_proba(rows)
 
 
-def registry_lock(root: Path, name: str, timeout: float):
-    from filelock import FileLock
-
-    folder = Path(root) / "registry-locks"
-    folder.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(folder / f"{name}.lock"), timeout=timeout)
+# --------------------------------------------------------------------------------------------- the registry lock
 
 
-def promote(root: Path, name: str, challenger_version: str, rows: pd.DataFrame, train: pd.DataFrame,
-            cfg: PromoteConfig, eval_digest: str = "") -> Decision:
-    """Run the gate for `challenger_version` and move `champion` if it passes; returns the recorded decision."""
+class RegistryLockTimeout(TimeoutError):
+    """Another process held a registered model's promotion lock past the timeout."""
+
+
+def _local_store(uri: str) -> Path | None:
+    """The database file of a SQLite store, or the folder of a file store, behind `uri`; None when remote."""
+    sqlite = re.match(r"^sqlite(?:\+\w+)?:///(.*)$", uri)
+    if sqlite:
+        path = sqlite.group(1).split("?", 1)[0]
+        return Path(path).expanduser().resolve() if path and path != ":memory:" else None
+    parts = urlsplit(uri)
+    if parts.scheme == "file":
+        return Path(parts.path).resolve()
+    if not parts.scheme and uri and not uri.startswith("databricks"):  # a plain path: MLflow's file store
+        return Path(uri).expanduser().resolve()
+    return None
+
+
+def registry_identity(uri: str) -> str:
+    """What names a registry in its lock: a local store by its resolved path, a remote one by scheme, host, port
+    and path (no user, password, query or fragment, so neither credentials nor who logs in change the lock)."""
+    store = _local_store(uri)
+    if store is not None:
+        return f"{'sqlite' if uri.startswith('sqlite') else 'file'}://{store}"
+    parts = urlsplit(uri)
+    host = parts.netloc.rsplit("@", 1)[-1].lower()
+    return f"{parts.scheme.lower()}://{host}{parts.path.rstrip('/')}"
+
+
+def lock_dir(uri: str) -> Path:
+    """Where the registry locks of `uri` live: $SEARCHREL_LOCK_DIR, else beside a local store, else the user's
+    cache (see the module doc)."""
+    if os.environ.get(LOCK_DIR_ENV):
+        return Path(os.environ[LOCK_DIR_ENV]).expanduser()
+    store = _local_store(uri)
+    if store is not None:
+        return store.parent / ".searchrel-locks"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "searchrel" / "locks"
+
+
+def lock_path(name: str, uri: str) -> Path:
+    """The lock file of registered model `name` in the registry at `uri`."""
+    digest = hashlib.sha256(f"{registry_identity(uri)}\n{name}".encode()).hexdigest()[:16]
+    return lock_dir(uri) / f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)[:64]}-{digest}.lock"
+
+
+@contextlib.contextmanager
+def registry_lock(name: str, timeout: float, uri: str | None = None) -> Iterator[Path]:
+    """Hold the promotion lock of registered model `name` in the registry at `uri` (default: MLflow's current
+    registry URI) for the block, waiting up to `timeout` seconds for another holder; yields the lock file.
+
+    An OS file lock (`fcntl.flock`) on `lock_path(name, uri)`: the kernel releases it when the holder exits,
+    however it dies, so a dead holder never blocks anyone. Each call opens the file anew, so threads of one
+    process exclude each other too.
+    """
+    from pipelines.tracking.runs import redacted
+
+    uri = uri or _registry_uri()
+    path = lock_path(name, uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writable = True
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError:  # another user's lock file (a shared store): taking the lock needs no write access
+        fd, writable = os.open(path, os.O_RDONLY), False
+    with open(fd, "r+" if writable else "r") as handle:  # closing it releases the lock
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "another process"
+                    raise RegistryLockTimeout(
+                        f"registered model {name} in {redacted(uri)} is being promoted or rolled back by {holder} "
+                        f"(lock {path}); gave up after {timeout:g} s: wait for it to end, or stop it") from None
+                time.sleep(0.1)
+        if writable:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                         f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M:%S} UTC\n")
+            handle.flush()
+        yield path
+
+
+# --------------------------------------------------------------------------------------------- champion moves
+
+
+def _apply(client, name: str, record: dict[str, Any]) -> None:
+    """The writes of a champion move's record, then its deletion: each is idempotent, so redoing them is safe."""
+    client.set_registered_model_alias(name, CHAMPION, record["champion"])
+    client.set_registered_model_tag(name, TAG_HISTORY, json.dumps(record["history"]))
+    client.set_model_version_tag(name, record["tagged"], TAG_DECISION, json.dumps(record["decision"]))
+    client.delete_registered_model_tag(name, TAG_PENDING)
+
+
+def move_champion(client, name: str, op: str, to: str, history: list[str], tagged: str,
+                  decision: dict[str, Any]) -> None:
+    """Point `champion` at version `to`, make `history` the champion history and tag version `tagged` with
+    `decision`, all through one write-ahead record (TAG_PENDING, written first in one registry call): a crash
+    at any later point is completed by the next promote or rollback (`complete_pending`)."""
+    record = {"op": op, "champion": str(to), "history": [str(v) for v in history], "tagged": str(tagged),
+              "decision": decision, "at": _now()}
+    client.set_registered_model_tag(name, TAG_PENDING, json.dumps(record))
+    _apply(client, name, record)
+
+
+def complete_pending(client, name: str) -> dict[str, Any] | None:
+    """Finish the champion move a crash left half done (its record is still there); returns that record, or None
+    when there was none. A record whose new champion version was deleted since is dropped with a warning."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        raw = client.get_registered_model(name).tags.get(TAG_PENDING)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":  # no such model yet: nothing to finish
+            return None
+        raise
+    if raw is None:
+        return None
+    record = json.loads(raw)
+    try:
+        client.get_model_version(name, record["champion"])
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        log.warning("%s: an interrupted %s to version %s cannot be completed (the version was deleted); "
+                    "dropped it", name, record["op"], record["champion"])
+        client.delete_registered_model_tag(name, TAG_PENDING)
+        return None
+    log.warning("%s: completing an interrupted %s (champion -> version %s, started %s)", name, record["op"],
+                record["champion"], record["at"])
+    _apply(client, name, record)
+    return record
+
+
+@contextlib.contextmanager
+def champion_session(name: str, timeout: float) -> Iterator[tuple[Any, dict[str, Any] | None]]:
+    """The registry lock of `name` with any interrupted champion move completed first: yields (the MLflow client,
+    the completed move's record or None). Both pipelines' promote and rollback run inside one."""
     client = _client()
-    with registry_lock(root, name, cfg.lock_timeout_s):
+    with registry_lock(name, timeout):
+        yield client, complete_pending(client, name)
+
+
+def record_decision(client, name: str, challenger_version: str, champion_version: str | None, promoted: bool,
+                    reason: str) -> dict[str, Any]:
+    """Tag the challenger with the gate's decision and, when it passed, make it champion (with its history
+    entry) in one champion move; both pipelines' promote. Call inside `champion_session`."""
+    record = {"promoted": promoted, "reason": reason, "champion_before": champion_version, "at": _now()}
+    if promoted:
+        move_champion(client, name, "promote", challenger_version,
+                      [*_history(client, name), str(challenger_version)], challenger_version, record)
+    else:
+        client.set_model_version_tag(name, str(challenger_version), TAG_DECISION, json.dumps(record))
+    return record
+
+
+def promote(root: Path | None, name: str, challenger_version: str, rows: pd.DataFrame, train: pd.DataFrame,
+            cfg: PromoteConfig, eval_digest: str = "") -> Decision:
+    """Run the gate for `challenger_version` and move `champion` if it passes; returns the recorded decision.
+
+    `root` (the artifact root) is not used: the lock is the registry's (see the module doc)."""
+    with champion_session(name, cfg.lock_timeout_s) as (client, _):
         champion_version = _alias_version(client, name, CHAMPION)
         if champion_version == str(challenger_version):
             return Decision(False, "already champion", str(challenger_version), champion_version, {}, None,
@@ -244,32 +453,29 @@ def promote(root: Path, name: str, challenger_version: str, rows: pd.DataFrame, 
         promoted, reason = gate(challenger, champion, baseline, cfg, paired)
         decision = Decision(promoted, reason, str(challenger_version), champion_version, challenger, champion,
                             baseline, eval_rows=len(rows), eval_digest=eval_digest, paired=paired)
-        if promoted:
-            history = _history(client, name)
-            client.set_registered_model_alias(name, CHAMPION, str(challenger_version))
-            client.set_registered_model_tag(name, TAG_HISTORY, json.dumps([*history, str(challenger_version)]))
-        record = {"promoted": promoted, "reason": reason, "champion_before": champion_version,
-                  "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        client.set_model_version_tag(name, str(challenger_version), TAG_DECISION, json.dumps(record))
+        record_decision(client, name, str(challenger_version), champion_version, promoted, reason)
         return decision
 
 
-def rollback(root: Path, name: str, timeout: float = 600.0) -> dict[str, Any]:
-    """Move `champion` back to the version that held it before the current one."""
-    client = _client()
-    with registry_lock(root, name, timeout):
-        history = _history(client, name)
+def rollback(root: Path | None, name: str, timeout: float = 600.0) -> dict[str, Any]:
+    """Move `champion` back to the version that held it before the current one; returns the record
+    (`rolled_back_from`, `to`, `at`).
+
+    A rollback a crash interrupted is completed instead, and its record returned with `completed_interrupted`:
+    the command run again after a crash is its retry, not a second rollback. `root` is not used (the lock is the
+    registry's)."""
+    with champion_session(name, timeout) as (client, interrupted):
+        if interrupted is not None and interrupted["op"] == "rollback":
+            return {**interrupted["decision"], "completed_interrupted": True}
         current = _alias_version(client, name, CHAMPION)
         if current is None:
             raise ValueError(f"{name} has no champion: nothing to roll back")
+        history = _history(client, name)
         if history and history[-1] == current:
             history = history[:-1]
         if not history:
             raise ValueError(f"{name}: version {current} is the first champion; there is no previous one")
         previous = history[-1]
-        client.set_registered_model_alias(name, CHAMPION, previous)
-        client.set_registered_model_tag(name, TAG_HISTORY, json.dumps(history))
-        record = {"rolled_back_from": current, "to": previous,
-                  "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        client.set_model_version_tag(name, current, TAG_DECISION, json.dumps(record))
+        record = {"rolled_back_from": current, "to": previous, "at": _now()}
+        move_champion(client, name, "rollback", previous, history, current, record)
         return record
