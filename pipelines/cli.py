@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -19,6 +20,26 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 RootOpt = Annotated[Path, typer.Option(help="Artifact root (default $SEARCHREL_ROOT or ./artifacts).")]
 ProfileOpt = Annotated[str, typer.Option(help="Config profile: tiny, cpu, gpu, or a YAML path.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override: stage.field=value (repeatable).")]
+ReuseStaleOpt = Annotated[bool, typer.Option(
+    "--reuse-stale", help="Reuse a finished stage even if its code changed since it ran (says so in the log and "
+                          "the manifest); without it such a stage is redone.")]
+
+
+@contextlib.contextmanager
+def _reuse_stale(enabled: bool):
+    """`--reuse-stale` for the stages this command runs: through the environment, as a job gets it."""
+    from pipelines.stage import REUSE_STALE_ENV
+
+    before = os.environ.get(REUSE_STALE_ENV)
+    if enabled:
+        os.environ[REUSE_STALE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if enabled and before is None:
+            del os.environ[REUSE_STALE_ENV]
+        elif enabled:
+            os.environ[REUSE_STALE_ENV] = before
 
 
 def _fail(message: str) -> None:
@@ -50,6 +71,7 @@ def prepare(
     set_: SetOpt = None,
     root: RootOpt = None,
     force: Annotated[bool, typer.Option(help="Redo the stage even if its manifest matches.")] = False,
+    reuse_stale: ReuseStaleOpt = False,
 ) -> None:
     """Load, validate, quarantine and split a dataset; print a summary table and log it to MLflow."""
     from pipelines.config import ConfigError
@@ -58,12 +80,16 @@ def prepare(
     from pipelines.stage import RunLockedError
 
     try:
-        result = run_prepare(dataset=dataset, path=path, run_key=run_key, root=root or default_root(),
-                             profile=profile, overrides=set_, force=force)
+        with _reuse_stale(reuse_stale):
+            result = run_prepare(dataset=dataset, path=path, run_key=run_key, root=root or default_root(),
+                                 profile=profile, overrides=set_, force=force)
     except (ConfigError, DataError, ValueError, FileNotFoundError, RunLockedError) as err:
         _fail(str(err))
     s = result.summary
-    state = "reused (manifest matches; --force to redo)" if result.skipped else "done"
+    if result.stale_code:
+        state = f"{result.state}; its code changed since it ran: {', '.join(result.stale_code)}"
+    else:
+        state = "reused (manifest matches; --force to redo)" if result.skipped else "done"
     typer.echo(f"prepare {dataset}: {state} -> {result.path}")
     print_table(f"{dataset}: rows per split", summary_rows(s))
     totals = {"read": s["rows_read"], "kept": s.get("rows_kept", sum(s.get("rows", {}).values())),
@@ -85,6 +111,7 @@ def run(
     set_: SetOpt = None,
     root: RootOpt = None,
     force: Annotated[bool, typer.Option(help="Redo stages even if their manifests match.")] = False,
+    reuse_stale: ReuseStaleOpt = False,
 ) -> None:
     """Run pipeline stages in-process (no Airflow), in order, and print a summary per stage."""
     from pipelines.config import ConfigError
@@ -95,8 +122,10 @@ def run(
         from pipelines.preranking.pipeline import cli_run
 
         try:
-            cli_run(run_key=run_key, dataset=dataset, path=path, stages=stages, profile=profile, overrides=set_ or [],
-                    root=(root or default_root()).resolve(), force=force, print_table=print_table)
+            with _reuse_stale(reuse_stale):
+                cli_run(run_key=run_key, dataset=dataset, path=path, stages=stages, profile=profile,
+                        overrides=set_ or [], root=(root or default_root()).resolve(), force=force,
+                        print_table=print_table)
         except (ConfigError, ValueError, FileNotFoundError, RunLockedError) as err:
             _fail(str(err))
         return
@@ -107,11 +136,11 @@ def run(
     spec = RunSpec(run_key=run_key, root=(root or default_root()).resolve(), dataset=dataset,
                    path=path.resolve() if path else None, profile=profile, overrides=set_ or [], force=force)
     try:
-        results = run_taosr1(spec, [s.strip() for s in stages.split(",") if s.strip()])
+        with _reuse_stale(reuse_stale):
+            results = run_taosr1(spec, [s.strip() for s in stages.split(",") if s.strip()])
     except (ConfigError, DataError, ValueError, FileNotFoundError, RunLockedError) as err:
         _fail(str(err))
-    rows = [{"stage": name, "state": "reused" if r.skipped else "done", "output": str(r.path)}
-            for name, r in results.items()]
+    rows = [{"stage": name, "state": r.state, "output": str(r.path)} for name, r in results.items()]
     print_table(f"{pipeline} / {run_key}", rows)
     from pipelines.relevance.report import ablation_rows
 

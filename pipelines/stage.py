@@ -16,8 +16,14 @@ its temporary folders and checkpoints: a stage takes its lock first, and a secon
 holder's host and pid. The lock is per stage, not per run key, because a DAG run's own stages run in parallel
 (rationales beside baselines). It is an OS file lock, released when its holder exits however it dies, so a dead
 holder never blocks the next run; leftovers (`.tmp-<stage>-*`, `.old-<stage>-*`) are removed only under the
-lock, when no live run owns them. A rerun whose manifest matches the
-config, the input digests and the output digests returns the recorded outputs without running anything.
+lock, when no live run owns them.
+
+A rerun whose manifest matches the config, the input digests, the output digests and the stage's code returns the
+recorded outputs without running anything. The code is the digest of the source the stage body reaches
+(`pipelines.stage_code` says which and why); `git_commit` stays in the manifest as information only. A stage
+whose code changed is redone, with a warning naming it and the changed files; `reuse_stale=True` (the CLI's
+`--reuse-stale`, or `SEARCHREL_REUSE_STALE=1` in a job's environment) reuses its outputs anyway, says so in the
+log and appends the reuse to the manifest's `stale_reuses`.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from typing import Any
 
 from pipelines.config import to_dict
 from pipelines.env import REPO_ROOT
+from pipelines.stage_code import changed_files, code_digest, stage_code
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +58,8 @@ TRACKED_PACKAGES = (
     "pandas", "scikit-learn", "peft", "tokenizers",
 )
 _CHUNK = 1 << 20
+# Set (to 1) where a command or job was asked to reuse stages whose code changed: `--reuse-stale`, a job's env.
+REUSE_STALE_ENV = "SEARCHREL_REUSE_STALE"
 
 
 def file_digest(path: Path) -> str:
@@ -126,6 +135,14 @@ class StageResult:
     path: Path
     manifest: dict[str, Any]
     skipped: bool
+    stale_code: list[str] = dataclasses.field(default_factory=list)  # reused although these files changed
+
+    @property
+    def state(self) -> str:
+        """How a command reports it: done, reused, or reused with stale code."""
+        if not self.skipped:
+            return "done"
+        return "reused (stale code: --reuse-stale)" if self.stale_code else "reused"
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -208,6 +225,11 @@ def _outputs_intact(out: Path, manifest: Mapping[str, Any]) -> bool:
     return all(file_digest(out / rel) == digest for rel, digest in recorded.items())
 
 
+def reuse_stale_requested() -> bool:
+    """Whether this process was asked to reuse stages whose code changed (`SEARCHREL_REUSE_STALE`)."""
+    return os.environ.get(REUSE_STALE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
 def run_stage(
     *,
     root: Path,
@@ -219,12 +241,15 @@ def run_stage(
     body: Callable[[StageContext], dict[str, Any] | None],
     force: bool = False,
     tracking: bool = True,
+    reuse_stale: bool | None = None,
 ) -> StageResult:
     """Run `body` unless a matching manifest says this exact work is already done.
 
     `inputs` are the files or folders the stage reads; their digests go into the manifest and decide, together
-    with the config digest, whether recorded outputs can be reused. `body` writes into `ctx.work_dir` and
-    returns a JSON-able summary (row counts, metrics) that is stored in the manifest.
+    with the config digest and the digest of the code `body` reaches, whether recorded outputs can be reused.
+    `body` writes into `ctx.work_dir` and returns a JSON-able summary (row counts, metrics) that is stored in the
+    manifest. `reuse_stale` (default: `SEARCHREL_REUSE_STALE` of the environment) reuses outputs whose only
+    mismatch is the code.
     """
     root = Path(root).resolve()
     base = run_dir(root, pipeline, run_key)
@@ -232,6 +257,9 @@ def run_stage(
     inputs = {name: Path(p).resolve() for name, p in inputs.items()}
     input_digests = {name: path_digest(p) for name, p in inputs.items()}
     cfg_digest = config_digest(config)
+    code = stage_code(body)
+    if reuse_stale is None:
+        reuse_stale = reuse_stale_requested()
 
     previous = read_manifest(out)
     if (
@@ -241,15 +269,46 @@ def run_stage(
         and {k: v["digest"] for k, v in previous.get("inputs", {}).items()} == input_digests
         and _outputs_intact(out, previous)
     ):
-        log.info("stage %s/%s/%s: manifest matches, reusing %s", pipeline, run_key, stage, out)
-        return StageResult(out, previous, skipped=True)
+        changed = changed_files(previous.get("code"), code)
+        if not changed:
+            log.info("stage %s/%s/%s: manifest matches, reusing %s", pipeline, run_key, stage, out)
+            return StageResult(out, previous, skipped=True)
+        why = _code_change(previous, changed)
+        if reuse_stale:
+            log.warning("stage %s of run %s/%s: REUSING STALE outputs in %s although %s, because --reuse-stale "
+                        "(%s) asked for it; run without it to redo the stage", stage, pipeline, run_key, out, why,
+                        REUSE_STALE_ENV)
+            with stage_lock(root, pipeline, run_key, stage):
+                manifest = _record_stale_reuse(out, changed, code)
+            return StageResult(out, manifest, skipped=True, stale_code=changed)
+        log.warning("stage %s of run %s/%s: redoing it, %s. To reuse its old outputs anyway, rerun with "
+                    "--reuse-stale (in a job: %s=1)", stage, pipeline, run_key, why, REUSE_STALE_ENV)
 
     with stage_lock(root, pipeline, run_key, stage):
-        return _run_locked(root, pipeline, run_key, stage, config, inputs, input_digests, cfg_digest, body, force,
-                           tracking)
+        return _run_locked(root, pipeline, run_key, stage, config, inputs, input_digests, cfg_digest, code, body,
+                           force, tracking)
 
 
-def _run_locked(root, pipeline, run_key, stage, config, inputs, input_digests, cfg_digest, body, force,
+def _code_change(previous: Mapping[str, Any], changed: list[str]) -> str:
+    """Why the recorded outputs are stale, for the log: which files of the stage's code changed."""
+    if "code" not in previous:
+        return "its code may have changed: its manifest records no code version (made before they were recorded)"
+    shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+    return f"its code changed since its outputs were made ({shown})"
+
+
+def _record_stale_reuse(out: Path, changed: list[str], code: dict[str, str]) -> dict[str, Any]:
+    """Append this reuse to the manifest's `stale_reuses` (atomically; manifests are outside output digests)."""
+    manifest = read_manifest(out) or {}
+    manifest.setdefault("stale_reuses", []).append({
+        "at": dt.datetime.now(dt.UTC).isoformat(), "changed_files": changed, "code_digest": code_digest(code)})
+    staging = out / f".{MANIFEST}.{uuid.uuid4().hex[:8]}"
+    staging.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    os.replace(staging, out / MANIFEST)
+    return manifest
+
+
+def _run_locked(root, pipeline, run_key, stage, config, inputs, input_digests, cfg_digest, code, body, force,
                 tracking) -> StageResult:
     base = run_dir(root, pipeline, run_key)
     out = base / stage
@@ -288,6 +347,8 @@ def _run_locked(root, pipeline, run_key, stage, config, inputs, input_digests, c
             },
             "summary": summary,
             "mlflow_run_id": ctx.mlflow_run_id,
+            "code": code,  # what decides reuse (pipelines.stage_code); the git commit is only information
+            "code_digest": code_digest(code),
             "git_commit": git_commit(),
             "packages": package_versions(),
             "started_at": started.isoformat(),

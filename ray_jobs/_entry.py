@@ -1,35 +1,55 @@
 """Shared body of the `python -m ray_jobs.<stage> <pipeline> --run-key K [options]` entry points.
 
 Each entry point runs one stage of one pipeline through `searchrel run <pipeline> --stages <stage> ...`, so the
-options are those of `searchrel run` (--run-key, --dataset, --path, --profile, --set, --root, --force). On a Ray
-cluster the stage's Ray work connects to `$RAY_ADDRESS`, which the Jobs API sets for the job.
+options are those of `searchrel run` (--run-key, --dataset, --path, --profile, --set, --root, --force,
+--reuse-stale). On a Ray cluster the stage's Ray work connects to `$RAY_ADDRESS`, which the Jobs API sets for the
+job.
 
-A stage the installed pipeline does not define exits with status 99 (SKIP_EXIT_CODE): RayJobOperator marks the
-task skipped instead of failed, so a DAG wired for a stage that has not landed in this checkout still runs.
+Exit statuses: 0 done (or reused); MISSING_STAGE_EXIT_CODE (2) when the pipeline's module cannot be imported or
+does not define the stage, with a message naming the module and the stage; otherwise that of `searchrel run`.
+A missing stage is a failure, not a skip: a skipped task lets the DAG's downstream stages (trigger rule
+`none_failed`) run on whatever stale outputs the run folder holds. RayJobOperator still reads 99
+(RESERVED_SKIP_EXIT_CODE) as "skipped by design", but no stage is skipped that way today, so a job never exits 99:
+a 99 from anywhere else is turned into 1.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+import traceback
 
-SKIP_EXIT_CODE = 99
+MISSING_STAGE_EXIT_CODE = 2
+RESERVED_SKIP_EXIT_CODE = 99
 # Where each pipeline keeps its STAGE_FUNCTIONS (imported only to check the stage name).
 PIPELINE_MODULES = {"taosr1": "pipelines.relevance.pipeline", "autofas": "pipelines.preranking.pipeline"}
 
 
+class MissingStageError(Exception):
+    """The pipeline's module cannot be imported, or it does not define the stage."""
+
+
 def available_stages(pipeline: str) -> set[str] | None:
-    """The pipeline's stage names; an empty set if its module is not installed; None for an unknown pipeline."""
+    """The pipeline's stage names; None for an unknown pipeline; MissingStageError if its module cannot be
+    imported (not installed, or an import inside it fails), naming the module."""
     module_name = PIPELINE_MODULES.get(pipeline)
     if module_name is None:
         return None
     try:
         module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name and module_name.startswith(err.name):
-            return set()
-        raise
+    except ImportError as err:  # ModuleNotFoundError too: the module itself or something it imports
+        raise MissingStageError(f"pipeline {pipeline!r}: its module {module_name} cannot be imported "
+                                f"({type(err).__name__}: {err})") from err
     return set(getattr(module, "STAGE_FUNCTIONS", {}))
+
+
+def check_stage(pipeline: str, stage: str) -> None:
+    """MissingStageError unless `pipeline` is unknown (the CLI refuses it) or its module defines `stage`."""
+    stages = available_stages(pipeline)
+    if stages is not None and stage not in stages:
+        raise MissingStageError(
+            f"pipeline {pipeline!r} has no stage {stage!r}: {PIPELINE_MODULES[pipeline]}.STAGE_FUNCTIONS has "
+            f"{', '.join(sorted(stages)) or 'none'} (is the DAG newer than the installed package?)")
 
 
 def main(stage: str, argv: list[str] | None = None) -> None:
@@ -38,12 +58,14 @@ def main(stage: str, argv: list[str] | None = None) -> None:
         sys.exit(f"usage: python -m ray_jobs.{stage} <pipeline> --run-key KEY [options of `searchrel run`]; "
                  f"pipelines: {', '.join(PIPELINE_MODULES)}")
     pipeline, rest = argv[0], argv[1:]
-    stages = available_stages(pipeline)
-    if stages is not None and stage not in stages:
-        print(f"ray_jobs.{stage}: pipeline {pipeline!r} has no stage {stage!r} in this installation "
-              f"(it has: {', '.join(sorted(stages)) or 'none yet'}); exiting with {SKIP_EXIT_CODE} = skipped",
+    try:
+        check_stage(pipeline, stage)
+    except MissingStageError as err:
+        if err.__cause__ is not None:  # the import's own traceback says what inside the module failed
+            traceback.print_exception(err.__cause__, file=sys.stderr)
+        print(f"ray_jobs.{stage}: error: {err}; the stage fails (exit status {MISSING_STAGE_EXIT_CODE})",
               file=sys.stderr)
-        sys.exit(SKIP_EXIT_CODE)
+        sys.exit(MISSING_STAGE_EXIT_CODE)
     from pipelines.cli import run_subcommand
 
     try:
@@ -66,6 +88,10 @@ def _exit_now(code) -> None:
 
     if isinstance(code, str):
         print(code, file=sys.stderr)
+        code = 1
+    if code == RESERVED_SKIP_EXIT_CODE:  # would read as "skipped" to RayJobOperator: this job failed
+        print(f"the stage exited with {code}, which RayJobOperator reads as skipped; exiting with 1 instead",
+              file=sys.stderr)
         code = 1
     logging.shutdown()
     sys.stdout.flush()

@@ -66,7 +66,7 @@ def test_stage_order_and_entry_points(dag_id):
 
 @pytest.mark.parametrize("dag_id", sorted(ISSUE_ORDER))
 def test_every_task_stage_exists_in_its_pipeline(dag_id):
-    """A misspelled or missing stage would exit 99 in ray_jobs/_entry.py and show as skipped, not failed:
+    """A misspelled or missing stage fails its task when it runs (ray_jobs/_entry.py exits 2); catch it earlier:
     every Ray job task's stage must be in its pipeline's STAGE_FUNCTIONS, and its entry module must run it."""
     from operators.operators.ray_job import RayJobOperator
     from ray_jobs._entry import PIPELINE_MODULES
