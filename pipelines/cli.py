@@ -210,23 +210,38 @@ def serve(
     host: Annotated[str, typer.Option(help="Bind address; loopback unless you mean to expose it.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port of the REST endpoint (POST /invocations).")] = 5001,
     workers: Annotated[int, typer.Option(help="Server worker processes (each loads the model).")] = 1,
+    max_rows: Annotated[int | None, typer.Option(
+        help="Most rows per request (HTTP 413 above); default $SEARCHREL_SERVE_MAX_ROWS, else the model's own "
+             "(TaoSR1 256, AutoFAS 10,000). 0 = no limit.")] = None,
+    max_body_bytes: Annotated[int | None, typer.Option(
+        help="Largest request body in bytes (HTTP 413 above); default $SEARCHREL_SERVE_MAX_BODY_BYTES, else "
+             "8 MiB. 0 = no limit.")] = None,
     root: RootOpt = None,
 ) -> None:
-    """Serve models:/NAME@ALIAS over REST with `mlflow models serve` in this environment."""
+    """Serve models:/NAME@ALIAS over REST: MLflow's scoring server, with request limits (pipelines.scoring_server)."""
+    from pipelines.scoring_server import MAX_BODY_BYTES_ENV, MAX_ROWS_ENV
+    from pipelines.scoring_server import serve as serve_model
     from pipelines.tracking.runs import redacted, tracking_uri
 
     uri = tracking_uri(root or default_root())
     env = os.environ.copy()
     env.setdefault("MLFLOW_TRACKING_URI", uri)
     env.setdefault("MLFLOW_REGISTRY_URI", env["MLFLOW_TRACKING_URI"])
-    # mlflow execs `uvicorn` by name: find this environment's even when the venv is not activated.
+    # The server and anything it starts use this environment's tools, even when the venv is not activated.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    for variable, value in ((MAX_ROWS_ENV, max_rows), (MAX_BODY_BYTES_ENV, max_body_bytes)):
+        if value is not None:
+            env[variable] = str(value)
     model_uri = f"models:/{name}@{alias}"
     typer.echo(f"serving {model_uri} from {redacted(env['MLFLOW_TRACKING_URI'])} at http://{host}:{port}/invocations "
                "(Ctrl-C to stop)")
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-           "--host", host, "--port", str(port), "--workers", str(workers)]
-    raise typer.Exit(subprocess.call(cmd, env=env))
+    from mlflow.exceptions import MlflowException
+
+    try:
+        code = serve_model(model_uri, host=host, port=port, workers=workers, env=env)
+    except (ValueError, MlflowException) as err:  # a bad limit, an unknown model or alias
+        _fail(str(err))
+    raise typer.Exit(code)
 
 
 @app.command()

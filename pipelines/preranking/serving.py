@@ -1,6 +1,13 @@
 """The AutoFAS pre-ranking model as an MLflow pyfunc: scores a batch of candidates (rows of encoded feature
 columns, as `pipelines.data.clicks.encode` writes them) with a saved student (safetensors + arch.json +
 feature_spec.json). Logged as "models from code" (`pyfunc_model.py`): MLflow stores that file, not a pickle.
+
+What a request may hold (`checked_features`): an id outside a feature's vocabulary (an item added after
+training, a negative or huge number) is scored as the out-of-vocabulary id 0, as `encode` does with an unseen
+value; a NaN or infinite feature or a missing indicator other than 0/1 is refused with HTTP 400 naming the row
+and the field; more than `MAX_ROWS_PER_REQUEST` rows (or $SEARCHREL_SERVE_MAX_ROWS) get HTTP 413. Before
+`predict`, MLflow's schema check converts each column to the signature's type: it refuses (HTTP 400, naming
+the column) a value it cannot convert, such as a string or a null id, and itself truncates a fractional id.
 """
 
 from __future__ import annotations
@@ -12,7 +19,17 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-__all__ = ["PreRankerModel", "RegisterConfig", "choose_model", "log_preranker", "pip_requirements", "score_frame"]
+__all__ = ["MAX_ROWS_PER_REQUEST", "InvalidFeatures", "PreRankerModel", "RegisterConfig", "checked_features",
+           "choose_model", "log_preranker", "pip_requirements", "score_frame"]
+
+# Candidates per request: a pre-ranking call scores a retrieval's few thousand candidates; 10,000 rows of a
+# Criteo-sized feature set are ~4 MB of JSON, under the server's default body limit.
+MAX_ROWS_PER_REQUEST = 10_000
+OOV_ID = 0  # `pipelines.data.clicks.Feature`: id 0 is the out-of-vocabulary row of every embedding table
+
+
+class InvalidFeatures(ValueError):
+    """A request value the model cannot score; the message names the row and the field."""
 
 
 def score_frame(model, spec, frame: pd.DataFrame) -> np.ndarray:
@@ -31,16 +48,84 @@ def score_frame(model, spec, frame: pd.DataFrame) -> np.ndarray:
         return torch.sigmoid(model(cat, num)).numpy().astype(np.float64)
 
 
+def _first_bad(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def _as_numbers(values: pd.Series, name: str, what: str) -> np.ndarray:
+    """float64 values of a column; a value that is not a number (a string, a list, a bool) is refused."""
+    if values.dtype.kind in "iuf":
+        return values.to_numpy(dtype=np.float64)
+    for row, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise InvalidFeatures(f"row {row}, field '{name}': expected {what}, got {type(value).__name__} "
+                                  f"{str(value)[:40]!r}")
+    return values.to_numpy(dtype=np.float64)
+
+
+def checked_features(frame: pd.DataFrame, spec) -> pd.DataFrame:
+    """The model's input columns of a request, checked and ready for `score_frame`.
+
+    Categorical ids outside [0, cardinality) become the OOV id 0. Raises InvalidFeatures for a missing column,
+    a value of the wrong type, a NaN or infinite value, a fractional id or a `<name>_missing` other than 0/1.
+    """
+    missing = [c for c in spec.output_columns() if c not in frame.columns]
+    if missing:
+        raise InvalidFeatures(f"the request lacks the encoded feature columns {missing}; encode rows with "
+                              "pipelines.data.clicks.encode and the model's feature_spec.json")
+    frame = frame.reset_index(drop=True)
+    out: dict[str, np.ndarray] = {}
+    for name, cardinality in spec.cardinalities().items():
+        raw = frame[name]
+        if raw.dtype.kind in "iu":
+            ids = raw.to_numpy()
+        else:
+            ids = _as_numbers(raw, name, "an integer id")
+            bad = ~np.isfinite(ids) | (ids != np.floor(ids))
+            if bad.any():
+                row = _first_bad(bad)
+                raise InvalidFeatures(f"row {row}, field '{name}': {ids[row]} is not an integer id")
+        unknown = (ids < 0) | (ids >= cardinality)
+        # An id the vocabulary does not have (an item added after training) is scored like an unseen value.
+        out[name] = np.where(unknown, OOV_ID, ids).astype(np.int64)
+    for name in spec.numeric:
+        for column, what in ((name, "a number"), (f"{name}_missing", "0 or 1")):
+            values = _as_numbers(frame[column], column, what)
+            bad = ~np.isfinite(values)
+            if bad.any():
+                row = _first_bad(bad)
+                raise InvalidFeatures(f"row {row}, field '{column}': {values[row]} is not a finite number; a "
+                                      f"missing value is sent as {name}=0 with {name}_missing=1")
+            if column != name and not np.isin(values, (0.0, 1.0)).all():
+                row = _first_bad(~np.isin(values, (0.0, 1.0)))
+                raise InvalidFeatures(f"row {row}, field '{column}': {values[row]} is not 0 or 1")
+            out[column] = values.astype(np.float32)
+    return pd.DataFrame(out, columns=spec.output_columns())
+
+
 class PreRankerModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper: `load_context` rebuilds the student from the artifacts, `predict` scores a table."""
 
     def load_context(self, context) -> None:
         from pipelines.preranking.models import load_model
+        from pipelines.scoring_server import row_limit
 
         self.model, self.arch, self.spec = load_model(Path(context.artifacts["model"]))
+        self.max_rows = row_limit(MAX_ROWS_PER_REQUEST)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        return pd.DataFrame({"score": score_frame(self.model, self.spec, pd.DataFrame(model_input))})
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        from pipelines.scoring_server import check_request_rows
+
+        frame = pd.DataFrame(model_input)
+        check_request_rows(len(frame), self.max_rows)
+        try:
+            features = checked_features(frame, self.spec)
+        except InvalidFeatures as err:
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
+        return pd.DataFrame({"score": score_frame(self.model, self.spec, features)})
 
 
 def pip_requirements() -> list[str]:

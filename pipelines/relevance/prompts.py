@@ -8,9 +8,13 @@ over the four label tokens at that single position (see ``models.label_token_ids
 Conventions shared by training and serving code:
 
 * Prompts already contain every special token they need (chat-template markers, or the BOS token in the
-  plain format). Tokenize them with ``add_special_tokens=False``.
+  plain format). Tokenize them with :func:`encode_prompts`, never with a plain tokenizer call: the query,
+  title and description are user text (a seller writes the title), and a title that spells ``<|im_end|>`` or
+  ``<eos>`` must stay those characters, not become the token that ends the user turn. `encode_prompts` keeps
+  the template's own special tokens special and tokenizes everything between them with
+  ``split_special_tokens=True``; training, sampling, scoring and serving all use it.
 * Response strings do **not** contain the EOS token: append ``tokenizer.eos_token_id`` to the response's
-  token ids when tokenizing (``ids = tok(response, add_special_tokens=False).input_ids + [tok.eos_token_id]``).
+  token ids when tokenizing (``ids = encode_text(tok, [response])[0] + [tok.eos_token_id]``).
   Keeping EOS out of the string keeps the formats tokenizer-independent and lets :func:`parse_label` work on
   decoded generations with or without ``skip_special_tokens``.
 """
@@ -18,6 +22,9 @@ Conventions shared by training and serving code:
 from __future__ import annotations
 
 import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 LEVEL_NAMES: dict[int, str] = {4: "Excellent", 3: "Related", 2: "Mismatch", 1: "Irrelevant"}
 
@@ -77,9 +84,14 @@ def build_prompt(
     With a chat template (e.g. SmolLM2-Instruct) the message is one user turn rendered with
     ``add_generation_prompt=True``; otherwise a plain format ``<bos>{instruction + fields}\\n\\n### Response:\\n``.
     The description is whitespace-normalised and cut to ``max_description_chars`` characters (plus "...").
-    Tokenize the result with ``add_special_tokens=False``.
+    Tokenize the result with :func:`encode_prompts` (special-token text in the fields stays text).
     """
-    content = build_user_message(query, title, description, max_description_chars, include_instruction)
+    return _wrap(tokenizer, build_user_message(query, title, description, max_description_chars,
+                                              include_instruction))
+
+
+def _wrap(tokenizer, content: str) -> str:
+    """`content` as the user turn of the chat template, or in the plain format."""
     if getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
@@ -89,6 +101,118 @@ def build_prompt(
         return prompt
     bos = getattr(tokenizer, "bos_token", None) or ""
     return f"{bos}{content}\n\n{PLAIN_RESPONSE_HEADER}"
+
+
+# ------------------------------------------------------------------------------------------- tokenization
+
+# Private-use characters: no template writes them, and `_clean` fields cannot make the frame ambiguous
+# because the frame is matched at the two ends of the prompt only.
+_CONTENT_MARK = "\ue000searchrel-user-turn\ue000"
+
+# `split_special_tokens` is a per-call argument, but the fast tokenizer implements it by setting a flag on
+# the shared Rust tokenizer before encoding; two threads (the scoring server runs predict in a thread pool)
+# could see each other's setting. One lock around every call that sets it keeps each call's own.
+_ENCODE_LOCK = threading.Lock()
+
+
+def special_token_strings(tokenizer) -> list[str]:
+    """Every string this tokenizer turns into a special token when it meets it in text (longest first)."""
+    specials = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+    specials |= set(tokenizer.all_special_tokens)
+    return sorted((s for s in specials if s), key=lambda s: (-len(s), s))
+
+
+def special_token_ids(tokenizer) -> set[int]:
+    return {int(tokenizer.convert_tokens_to_ids(s)) for s in special_token_strings(tokenizer)}
+
+
+def encode_text(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of `texts` read as plain text: a special token's spelling gives its characters' tokens."""
+    if not texts:
+        return []
+    with _ENCODE_LOCK:
+        return tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+@dataclass(frozen=True)
+class _PromptFrame:
+    """What `_wrap` puts around the user turn, split at the template's special tokens.
+
+    A prompt is `head + content + tail`. Token ids: the ids of the head's pieces before its last special
+    token, then (as text) the head's last text piece + content + the tail's first text piece, then the ids of
+    the tail's remaining pieces. The text around the content is encoded together with it because the
+    tokenizer encodes the text between two special tokens as one piece: a prompt without special-token text
+    in its fields gets exactly the ids a plain tokenizer call gives.
+    """
+
+    head: str
+    tail: str
+    head_text: str
+    tail_text: str
+    head_ids: tuple[int, ...]
+    tail_ids: tuple[int, ...]
+
+    def content(self, prompt: str) -> str | None:
+        """The user turn of `prompt`, or None when `prompt` is not in this frame."""
+        if len(prompt) < len(self.head) + len(self.tail) or not (prompt.startswith(self.head)
+                                                                  and prompt.endswith(self.tail)):
+            return None
+        return prompt[len(self.head):len(prompt) - len(self.tail)]
+
+
+def _pieces(tokenizer, text: str, specials: list[str]) -> tuple[list[int], str, str, list[int]]:
+    """Template text split at its special tokens, [t0, S1, t1, ..., Sk, tk]: (ids of t0 S1 ... Sk, t0, tk,
+    ids of S1 t1 ... tk), special tokens as their ids and the text pieces encoded as text."""
+    parts = re.split("(" + "|".join(map(re.escape, specials)) + ")", text) if specials else [text]
+    texts = iter(encode_text(tokenizer, parts[0::2]))
+    ids = [next(texts) if i % 2 == 0 else [int(tokenizer.convert_tokens_to_ids(part))]
+           for i, part in enumerate(parts)]
+    return [t for piece in ids[:-1] for t in piece], parts[0], parts[-1], [t for piece in ids[1:] for t in piece]
+
+
+def _frame(tokenizer) -> _PromptFrame:
+    """The frame of `tokenizer`'s prompts; cached on the tokenizer (its template and special tokens are fixed
+    once loaded), keyed by the template so a changed template is noticed."""
+    specials = special_token_strings(tokenizer)
+    key = (getattr(tokenizer, "chat_template", None), getattr(tokenizer, "bos_token", None), tuple(specials))
+    cached = getattr(tokenizer, "_searchrel_prompt_frame", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    head, mark, tail = _wrap(tokenizer, _CONTENT_MARK).partition(_CONTENT_MARK)
+    if not mark:
+        raise ValueError("the chat template does not write the user message verbatim; searchrel prompts need "
+                         "a template that does")
+    head_ids, _, head_text, _ = _pieces(tokenizer, head, specials)
+    _, tail_text, _, tail_ids = _pieces(tokenizer, tail, specials)
+    frame = _PromptFrame(head, tail, head_text, tail_text, tuple(head_ids), tuple(tail_ids))
+    tokenizer._searchrel_prompt_frame = (key, frame)
+    return frame
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of prompts from :func:`build_prompt`: the template's special tokens are special tokens, and
+    the user turn (instruction, query, title, description) is text, whatever it spells.
+
+    A title containing ``<|im_end|>`` gets the tokens of the characters ``<``, ``|``, ``im``, ... and so
+    cannot end the user turn or start a fake assistant turn; a prompt without such text gets the same ids as
+    ``tokenizer(prompt, add_special_tokens=False)``. A string that is not in the template's frame (not built
+    by `build_prompt` with this tokenizer, so holding no user fields) is tokenized as the tokenizer parses it.
+    """
+    frame = _frame(tokenizer)
+    contents = [frame.content(p) for p in prompts]
+    framed = [i for i, c in enumerate(contents) if c is not None]
+    middles = encode_text(tokenizer, [frame.head_text + contents[i] + frame.tail_text for i in framed])
+    out: list[list[int]] = [[] for _ in prompts]
+    for i, middle in zip(framed, middles, strict=True):
+        out[i] = [*frame.head_ids, *middle, *frame.tail_ids]
+    others = [i for i, c in enumerate(contents) if c is None]
+    if others:
+        with _ENCODE_LOCK:
+            parsed = tokenizer([prompts[i] for i in others], add_special_tokens=False,
+                               split_special_tokens=False)["input_ids"]
+        for i, ids in zip(others, parsed, strict=True):
+            out[i] = ids
+    return out
 
 
 def _check_level(level: int) -> int:

@@ -23,7 +23,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from pipelines.relevance.prompts import parse_label
+from pipelines.relevance.prompts import encode_prompts, parse_label
 from pipelines.training.shared_prefix import (  # noqa: F401 (SharedPrefix and use_... are this module's API too)
     SHARED_PREFIX_ATTENTION,
     SharedPrefix,
@@ -48,9 +48,11 @@ def last_position(device) -> torch.Tensor:
 
 
 def tokenize_prompts(tokenizer, prompts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids of each prompt; an overlong prompt keeps its end, where the answer position is."""
-    ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    return [seq[-max_length:] for seq in ids]
+    """Token ids of each prompt; an overlong prompt keeps its end, where the answer position is.
+
+    Special-token text typed into a field (a title with "<|im_end|>") stays text: see `prompts.encode_prompts`.
+    """
+    return [seq[-max_length:] for seq in encode_prompts(tokenizer, prompts)]
 
 
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:

@@ -10,13 +10,20 @@ candidates is computed once (query-prefix sharing).
 
 The model's artifacts are the safetensors weights, the tokenizer, `searchrel.json` (prompt settings and label
 token ids) and `serving.json` (beta and input limits). Loading needs the `searchrel` package installed in the
-serving environment (`mlflow models serve --env-manager local` from this project's venv).
+serving environment: `searchrel serve` (`pipelines.scoring_server`: MLflow's scoring server behind a body-size
+limit) from this project's venv.
+
+Hostile input: a request over `max_rows_per_request` rows is refused with HTTP 413; query, title and
+description are cut to their limits and tokenized as text, so a title that spells `<|im_end|>` or `<eos>` cannot
+end the user turn (`prompts.encode_prompts`); requests that arrive together (MLflow runs each in its own thread)
+are scored one after the other on the one model.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -53,6 +60,10 @@ class ServingSettings:
     device: str = field(default="auto", metadata={"help": 'Where to score: "auto" (a CUDA GPU if present, else '
                                                           'CPU), "cpu", "cuda", "cuda:1", ...'})
     max_length: int = field(default=512, metadata={"help": "Longest prompt in tokens."})
+    max_rows_per_request: int = field(default=256, metadata={
+        "help": "Most rows one request may score: more get HTTP 413 asking to split the request (each row is a "
+                "prompt in memory at once). $SEARCHREL_SERVE_MAX_ROWS overrides it where the model is served; "
+                "0 = no limit."})
 
 
 def _text(value: Any) -> str | None:
@@ -111,6 +122,9 @@ class PairScorer:
         self.model.to(inference_device(self.settings.device)).eval()
         use_shared_prefix_attention(self.model)
         self.label_ids = label_token_ids(self.tokenizer, self.prompt("q", "t", "d"))
+        # The scoring server calls predict from several threads at once; scoring switches the model's attention
+        # implementation for the shared prefix, so two calls must not interleave (one model, one at a time).
+        self._scoring = threading.Lock()
 
     def prompt(self, query: str, title: str, description: str) -> str:
         from pipelines.relevance.prompts import build_prompt
@@ -166,9 +180,10 @@ class PairScorer:
 
         queries, titles, descriptions, notes = self._cut(frame)
         prompts = [self.prompt(q, t, d) for q, t, d in zip(queries, titles, descriptions, strict=True)]
-        probs = first_token_probs(self.model, self.tokenizer, prompts, self.label_ids,
-                                  batch_size=self.settings.batch_size, max_length=self.settings.max_length,
-                                  groups=queries if share_query_prefix else None)
+        with self._scoring:
+            probs = first_token_probs(self.model, self.tokenizer, prompts, self.label_ids,
+                                      batch_size=self.settings.batch_size, max_length=self.settings.max_length,
+                                      groups=queries if share_query_prefix else None)
         out = pd.DataFrame({"level": predicted_levels(probs).astype(np.int64)})
         for j in range(4):
             out[f"p{j + 1}"] = probs[:, j]
@@ -196,15 +211,22 @@ class RelevanceModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper: `load_context` loads the scorer from the artifacts, `predict` scores a table."""
 
     def load_context(self, context) -> None:
+        from pipelines.scoring_server import row_limit
+
         model_dir = Path(context.artifacts["model"])
         self.scorer = PairScorer(model_dir, read_serving_card(model_dir))
+        self.max_rows = row_limit(self.scorer.settings.max_rows_per_request)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+        from pipelines.scoring_server import check_request_rows
+
+        frame = pd.DataFrame(model_input)
+        check_request_rows(len(frame), self.max_rows)  # HTTP 413 before any prompt is built
         try:
-            return self.scorer.score(pd.DataFrame(model_input))
+            return self.scorer.score(frame)
         except InvalidInput as err:
             raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
 
@@ -286,11 +308,12 @@ def free_port() -> int:
 
 @contextmanager
 def served_model(name: str, root: Path, *, alias: str = "champion", timeout: float = 180.0,
-                 quiet: bool = False) -> Iterator[tuple[str, subprocess.Popen]]:
+                 quiet: bool = False, env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
     """`searchrel serve` of a registered model on a free loopback port, up for the block; yields (url, process).
 
     For benchmarks and tests: waits until /health answers (failing early if the server exits) and stops the
-    server's whole process group afterwards.
+    server's whole process group afterwards. `env` adds to the server's environment (e.g. the request limits
+    of `pipelines.scoring_server`).
     """
     import os
     import signal
@@ -299,7 +322,7 @@ def served_model(name: str, root: Path, *, alias: str = "champion", timeout: flo
     import urllib.request
 
     port = free_port()
-    env = {**os.environ, "SEARCHREL_ROOT": str(root)}
+    env = {**os.environ, "SEARCHREL_ROOT": str(root), **(env or {})}
     env.pop("MLFLOW_TRACKING_URI", None)  # the store under `root`
     output = subprocess.DEVNULL if quiet else None
     server = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--name", name, "--alias", alias,

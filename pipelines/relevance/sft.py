@@ -105,8 +105,12 @@ def build_examples(rows: pd.DataFrame, tokenizer, config: SFTConfig) -> pd.DataF
 
 def tokenize_examples(examples: pd.DataFrame, tokenizer, config: SFTConfig) -> pa.Table:
     """input_ids and the index where the response starts (loss is computed from there on)."""
-    prompt_ids = tokenizer(list(examples["prompt"]), add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(list(examples["response"]), add_special_tokens=False)["input_ids"]
+    from pipelines.relevance.prompts import encode_prompts, encode_text
+
+    # The same encoding as scoring and serving: fields (and rationales that quote them) that spell a special
+    # token are trained on as the text they are, so the model never learns to read them as structure.
+    prompt_ids = encode_prompts(tokenizer, list(examples["prompt"]))
+    response_ids = encode_text(tokenizer, list(examples["response"]))
     ids, starts, label_pos = [], [], []
     for p, r in zip(prompt_ids, response_ids, strict=True):
         r = r + [tokenizer.eos_token_id]
