@@ -18,6 +18,26 @@ RUN_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 PROFILES = {"tiny": "tiny models built from a config, small data: seconds per stage (tests, the demo)",
             "cpu": "SmolLM2-135M-Instruct / real sizes on one machine's CPUs (an hour or more)",
             "gpu": "full sizes on a GPU cluster"}
+# Job timeouts in minutes, per profile and stage ("*": every other stage): a job that runs longer is stopped and
+# its task fails saying so (a hung job would otherwise hold its DAG, max_active_runs=1, forever). Sized well
+# above what each profile's stages take; a profile YAML may set its own under `<pipeline>.timeouts.<stage>`
+# (a deployment's profile file, or a profile given as a path), and a run may set any stage's with the `timeouts`
+# Param. A profile not listed here (a YAML path) gets the gpu column's.
+STAGE_TIMEOUT_MINUTES: dict[str, dict[str, float]] = {
+    "tiny": {"*": 30},
+    "cpu": {"*": 120, "rationales": 360, "sft": 720, "sample": 360, "dpo": 720, "grpo": 720, "evaluate": 240,
+            "evaluate_dpo": 240, "evaluate_grpo": 240, "promote": 240, "teacher": 240, "search": 480,
+            "retrain": 240},
+    "gpu": {"*": 240, "rationales": 720, "sft": 1440, "sample": 720, "dpo": 1440, "grpo": 2880, "search": 720,
+            "teacher": 480, "retrain": 480},
+}
+MAX_TIMEOUT_MINUTES = 7 * 24 * 60
+
+
+def stage_timeout_minutes(profile: str, stage: str) -> float:
+    """The DAG's default job timeout of `stage` under `profile` (see STAGE_TIMEOUT_MINUTES)."""
+    table = STAGE_TIMEOUT_MINUTES.get(str(profile), STAGE_TIMEOUT_MINUTES["gpu"])
+    return float(table.get(stage, table["*"]))
 
 
 def data_dir() -> Path:
@@ -55,6 +75,14 @@ def pipeline_params(*, stages: list[str], datasets: dict[str, str], default_data
                                        "stage or field fails the stage with its name, and so does a promotion-"
                                        "gate field (promote.min_macro_f1_gain, first_baseline, ...): those come "
                                        "from the profile only, so a trigger cannot relax the gate."),
+        "timeouts": Param({}, type="object", title="Job timeouts (minutes)",
+                          propertyNames={"enum": stages},
+                          additionalProperties={"type": "number", "exclusiveMinimum": 0,
+                                                "maximum": MAX_TIMEOUT_MINUTES},
+                          description="Stage name -> minutes, e.g. {\"sft\": 90}: a stage's job that runs longer "
+                                      "is stopped and its task fails as timed out. Stages not named keep their "
+                                      "defaults: the profile's <pipeline>.timeouts section, else the DAG's table "
+                                      "(operators.dag_params.STAGE_TIMEOUT_MINUTES; tiny: 30 for every stage)."),
         "run_key": Param(None, type=["null", "string"], pattern=RUN_KEY_PATTERN, title="Run key",
                          description="Empty: the Airflow run id (made path-safe) names the run's output folder "
                                      "and MLflow parent run. Set it to continue an earlier run: its finished "
@@ -65,4 +93,5 @@ def pipeline_params(*, stages: list[str], datasets: dict[str, str], default_data
 def stage_args(pipeline: str) -> dict[str, str]:
     """The templated arguments every stage task of `pipeline` takes from the run's params."""
     return {"pipeline": pipeline, **{name: f"{{{{ params.{name} }}}}" for name in
-                                     ("dataset", "path", "profile", "overrides", "skip_stages", "until")}}
+                                     ("dataset", "path", "profile", "overrides", "skip_stages", "until",
+                                      "timeouts")}}

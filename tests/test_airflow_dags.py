@@ -58,7 +58,7 @@ def test_stage_order_and_entry_points(dag_id):
     for task in dag.tasks:
         assert importlib.util.find_spec(task.module) is not None, f"{task.module} is missing"
         assert task.trigger_rule == "none_failed"
-        assert task.execution_timeout is None
+        assert task.execution_timeout is not None  # the job's own timeout + a grace (tests/test_job_safety.py)
         assert task.retries >= 1
     assert dag.max_active_runs == 1 and dag.catchup is False
     assert dag.render_template_as_native_obj

@@ -164,5 +164,46 @@ def test_cluster_path_through_the_jobs_api(artifact_root, shared_data, tmp_path,
         trigger_lines = [line for line in out.splitlines() if "RayJobTrigger" in line]
         assert any(f"taosr1 / {run_key}" in line for line in trigger_lines)
         assert (artifact_root / "taosr1" / run_key / "prepare" / "manifest.json").exists()
+
+        # A hung job on the cluster is stopped at its timeout (JobSubmissionClient.stop_job) and its task fails
+        # saying so; the job's env_vars carry the pass-through list, never a worker's AIRFLOW* variable.
+        monkeypatch.setenv("AIRFLOW__SEARCHREL_TEST__SECRET", "secret")
+        monkeypatch.setenv("PROBE_PASSED", "yes")
+        monkeypatch.setenv("SEARCHREL_JOB_ENV_PASSTHROUGH", "PROBE_PASSED")
+        folder = tmp_path / "test_dags"
+        folder.mkdir()
+        (folder / "cluster_hang.py").write_text(textwrap.dedent(CLUSTER_HANG_DAG))
+        hang_run = load_test_dag(folder, "cluster_hang").test()
+        out = capfd.readouterr().out
+        assert task_states(hang_run) == {"hang": "failed"}
+        hang_sid = submission_id("cluster_hang", hang_run.run_id, "hang")
+        assert str(client.get_job_status(hang_sid).value) == "STOPPED"
+        assert f"Ray job {hang_sid} on {head.address} timed out after" in out
+        assert "probe secret=None passed=yes" in client.get_job_logs(hang_sid)
     finally:
         head.stop()
+
+
+CLUSTER_HANG_DAG = """
+import datetime as dt
+
+from airflow.sdk import DAG
+
+from operators.operators.ray_job import RayJobOperator
+
+PROBE = ("import os, time; print('probe secret=%s passed=%s' % (os.environ.get('AIRFLOW__SEARCHREL_TEST__SECRET'), "
+         "os.environ.get('PROBE_PASSED')), flush=True); time.sleep(600)")
+
+
+class Hangs(RayJobOperator):
+    @property
+    def module(self):
+        return "timeit"
+
+    def job_args(self, run_key):
+        return ["-n", "1", "-r", "1", PROBE]
+
+
+with DAG("cluster_hang", schedule=None, start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC)) as dag:
+    Hangs(task_id="hang", stage="probe", pipeline="taosr1", job_timeout=20, retries=0, poll_interval=0.5)
+"""

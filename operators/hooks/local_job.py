@@ -12,6 +12,14 @@ A job is a folder `<jobs_dir>/<submission_id>/`:
 start a process. The supervisor runs in a session of its own, so a job outlives the Airflow task that started it
 (a retry finds it by its id) and stopping it can reach every process it started, Ray's workers included.
 
+A supervisor killed on its own (SIGKILL) leaves its job running: the job stays RUNNING for as long as any process
+of its session lives (Linux keeps a session's id allocated while it has a member, so the id cannot name another
+session meanwhile), a retry attaches to it instead of starting a second copy, and `stop` ends those processes
+itself. Once they are gone the job is FAILED without an exit status.
+
+The job's environment is the `base_env` given to `submit` (the hook passes an explicit one, see
+`operators.hooks.job_env`) plus the spec's `env`; only the latter is written to spec.json.
+
 No Airflow or Ray imports here: the supervisor is started as `python -m operators.hooks.local_job <job dir>`, or,
 for a warm start, forked by `operators.hooks.warm_jobs` (same folder, same supervisor, no interpreter start-up).
 """
@@ -24,7 +32,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -58,11 +66,13 @@ def _alive(job_dir: Path) -> int | None:
 
 
 def submit(job_dir: Path, argv: list[str], env: dict[str, str] | None = None, cwd: str | None = None,
-           warm: bool = False) -> bool:
+           warm: bool = False, base_env: Mapping[str, str] | None = None) -> bool:
     """Start the job unless a job of this id exists; True if this call started it.
 
-    `warm`: fork a `python -m module ...` job from a server with the libraries imported (`warm_jobs`) instead of
-    starting a fresh interpreter; it falls back to a cold start whenever that is not possible.
+    `env` is added to `base_env`, the environment the job starts from (default: this process's whole environment;
+    `RayHook` passes `job_env.job_environment(...)`, never the worker's). `warm`: fork a `python -m module ...`
+    job from a server with the libraries imported (`warm_jobs`) instead of starting a fresh interpreter; it falls
+    back to a cold start whenever that is not possible.
     """
     job_dir = Path(job_dir)
     job_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -78,11 +88,11 @@ def submit(job_dir: Path, argv: list[str], env: dict[str, str] | None = None, cw
     if warm:
         from operators.hooks import warm_jobs
 
-        if warm_jobs.hand_over(job_dir, list(argv), dict(env or {}), cwd):
+        if warm_jobs.hand_over(job_dir, list(argv), dict(env or {}), cwd, base_env=base_env):
             return True
     subprocess.Popen([sys.executable, "-m", "operators.hooks.local_job", str(job_dir)], start_new_session=True,
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                     close_fds=True, cwd=cwd)
+                     close_fds=True, cwd=cwd, env=None if base_env is None else dict(base_env))
     return True
 
 
@@ -99,8 +109,43 @@ def status(job_dir: Path) -> str | None:
     if _alive(job_dir):
         return RUNNING
     if (job_dir / "pid").exists():
-        return FAILED  # the supervisor died without recording an exit status (killed with SIGKILL)
+        # The supervisor died without recording an exit status (killed with SIGKILL): the job runs on as long as
+        # a process of its session does, and a retry must attach to it, not start a second copy.
+        return RUNNING if orphans(job_dir) else FAILED
     return PENDING if time.time() - job_dir.stat().st_mtime < _START_GRACE_S else FAILED
+
+
+def orphans(job_dir: Path) -> list[int]:
+    """The live processes of a job whose supervisor is gone (none while the supervisor lives, or after the job).
+
+    The supervisor leads the job's session, so its pid is the session id. Linux keeps that id allocated while any
+    process of the session lives; if the pid now belongs to a process started at another time, the session has
+    no process left."""
+    job_dir = Path(job_dir)
+    if _alive(job_dir) is not None:
+        return []
+    try:
+        pid_text, started = (job_dir / "pid").read_text().split()
+    except (FileNotFoundError, ValueError):
+        return []
+    sid = int(pid_text)
+    leader = _start_time(sid)
+    if leader is not None and leader != started:
+        return []
+    return _session_members(sid)
+
+
+def lost(job_dir: Path) -> bool:
+    """True for a job that ended without an exit status: its supervisor was killed, and then its processes ended."""
+    return status(job_dir) == FAILED and return_code(job_dir) is None and (Path(job_dir) / "pid").exists()
+
+
+def started_at(job_dir: Path) -> float | None:
+    """When the job was submitted (seconds since the epoch), None for an unknown job."""
+    try:
+        return float(json.loads((Path(job_dir) / "spec.json").read_text())["submitted_at"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
 
 
 def return_code(job_dir: Path) -> int | None:
@@ -126,22 +171,42 @@ def read_log(job_dir: Path, offset: int = 0, limit: int = 1 << 20) -> tuple[str,
     return data.decode("utf-8", errors="replace"), offset + len(data)
 
 
-def stop(job_dir: Path) -> bool:
-    """Ask the supervisor to stop the job (it terminates every process of the job's session)."""
+def stop(job_dir: Path, grace_s: float = _STOP_GRACE_S) -> bool:
+    """Stop the job: ask its supervisor (it terminates every process of the job's session and records the end),
+    or, when the supervisor is gone, terminate the job's remaining processes here (SIGTERM, then SIGKILL after
+    `grace_s`) and record the end. False if nothing of the job was running."""
     job_dir = Path(job_dir)
     pid = _alive(job_dir)
-    if pid is None:
+    if pid is not None:
+        (job_dir / "stopped").touch()
+        os.kill(pid, signal.SIGTERM)
+        return True
+    left = orphans(job_dir)
+    if not left:
         return False
     (job_dir / "stopped").touch()
-    os.kill(pid, signal.SIGTERM)
+    sid = int((job_dir / "pid").read_text().split()[0])
+    _kill_session(sid, signal.SIGTERM)
+    deadline = time.time() + grace_s
+    while _session_members(sid) and time.time() < deadline:
+        time.sleep(0.1)
+    while _kill_session(sid, signal.SIGKILL):
+        time.sleep(0.1)
+    with open(os.open(job_dir / "job.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
+        log.write(f"\n[local job] stopped {len(left)} process(es) left by a supervisor that was killed\n".encode())
+    if return_code(job_dir) is None:
+        tmp = job_dir / f"rc.tmp.{os.getpid()}"
+        tmp.write_text(str(-signal.SIGTERM))
+        os.replace(tmp, job_dir / "rc")
     return True
 
 
 # ------------------------------------------------------------------------------------------------ supervisor
 
 
-def _kill_session(sid: int, sig: int) -> int:
-    hit = 0
+def _session_members(sid: int) -> list[int]:
+    """The live (not zombie) processes of session `sid`, this process excepted."""
+    members = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
@@ -150,9 +215,19 @@ def _kill_session(sid: int, sig: int) -> int:
                 continue
             if Path(f"/proc/{entry}/stat").read_text().rsplit(") ", 1)[1][0] == "Z":
                 continue  # a zombie is already dead; counting it would spin until it is reaped
-            os.kill(int(entry), sig)
-            hit += 1
         except (ProcessLookupError, PermissionError, FileNotFoundError, IndexError):
+            continue
+        members.append(int(entry))
+    return members
+
+
+def _kill_session(sid: int, sig: int) -> int:
+    hit = 0
+    for pid in _session_members(sid):
+        try:
+            os.kill(pid, sig)
+            hit += 1
+        except (ProcessLookupError, PermissionError):
             continue
     return hit
 
@@ -217,8 +292,10 @@ def supervise(job_dir: Path, launch: Launch) -> int:
                 return
             _kill_session(os.getsid(0), signal.SIGTERM)
             deadline = time.time() + _STOP_GRACE_S
-            while child.poll() is None and time.time() < deadline:
-                time.sleep(0.2)
+            # Not child.poll(): this handler interrupts child.wait(), which holds Popen's wait lock, so poll()
+            # would answer None for the whole grace period. An exited child is a zombie, which this skips.
+            while _session_members(os.getsid(0)) and time.time() < deadline:
+                time.sleep(0.1)
             while _kill_session(os.getsid(0), signal.SIGKILL):
                 time.sleep(0.2)
 

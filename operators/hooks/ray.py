@@ -10,6 +10,12 @@ Connection `ray_default` (conn type `ray`):
   it is), through `ray.job_submission.JobSubmissionClient`. Extras: `python` (the interpreter on the cluster
   that has searchrel installed; default `python`), `runtime_env` (merged into each job's runtime env),
   `entrypoint_num_cpus`.
+- both: `env_passthrough`, more worker variables to pass to jobs (a list, or comma-separated; `PREFIX*` allowed).
+
+A job never inherits the worker's environment (Airflow's DB URL and Fernet key live there): a local job starts
+from the variables `operators.hooks.job_env` names (`STAGE_ENV` + `LOCAL_ENV`), a Ray job gets `STAGE_ENV` as its
+runtime env's `env_vars` on top of the cluster's own environment; both plus `$SEARCHREL_JOB_ENV_PASSTHROUGH`,
+`env_passthrough` and the operator's `env`, and never an `AIRFLOW*` variable.
 
     AIRFLOW_CONN_RAY_DEFAULT='{"conn_type": "ray", "host": "local"}'
     AIRFLOW_CONN_RAY_DEFAULT='{"conn_type": "ray", "host": "10.0.0.5", "port": 8265, "extra": {"python": "/opt/venv/bin/python"}}'
@@ -23,6 +29,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -30,10 +37,13 @@ from typing import Any
 
 from airflow.sdk import BaseHook
 
-from operators.hooks import local_job
+from operators.hooks import job_env, local_job
 
 LOCAL = "local"
 TERMINAL = local_job.TERMINAL
+# How long a stop may take before the caller gives up waiting for the job to end (a local job gets 20 s to exit
+# after SIGTERM, then SIGKILL; Ray waits RAY_JOB_STOP_WAIT_TIME_S, 3 s by default, before its SIGKILL).
+STOP_WAIT_S = 60.0
 
 
 @dataclass
@@ -119,13 +129,15 @@ class RayHook(BaseHook):
         `resources` is what the entrypoint (the stage's driver) reserves on a cluster: `num_cpus`, `num_gpus`,
         `memory` (bytes) and `resources` (custom ones), Ray's `entrypoint_*` arguments. Local jobs run on this
         machine as they are and ignore it."""
-        env = {k: str(v) for k, v in (env or {}).items()}
+        env = job_env.checked(env)
         if self.target.is_local:
+            base = self.job_environment()
             return local_job.submit(self.job_dir(submission_id), [sys.executable, "-m", module, *args], env,
-                                    warm=bool(self.target.extra.get("warm", True)))
+                                    warm=bool(self.target.extra.get("warm", True)), base_env=base)
         python = self.target.extra.get("python", "python")
         runtime_env = dict(self.target.extra.get("runtime_env") or {})
-        runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
+        runtime_env["env_vars"] = {**self.job_environment(), **job_env.checked(runtime_env.get("env_vars")),
+                                   **env}
         try:
             wanted = {"num_cpus": self.target.extra.get("entrypoint_num_cpus")} | dict(resources or {})
             self.client.submit_job(entrypoint=shlex.join([python, "-m", module, *args]), submission_id=submission_id,
@@ -138,6 +150,25 @@ class RayHook(BaseHook):
                 return False
             raise RuntimeError(f"submitting {self.describe(submission_id)} failed: {err}") from err
         return True
+
+    def job_environment(self) -> dict[str, str]:
+        """The worker variables a job gets (see `operators.hooks.job_env`): for a local job its whole starting
+        environment, for a Ray job what is added to the cluster's."""
+        return job_env.job_environment(self.target.is_local, self.target.extra.get("env_passthrough"))
+
+    def started_at(self, submission_id: str) -> float | None:
+        """When the job was submitted (seconds since the epoch); None if unknown."""
+        if self.target.is_local:
+            return local_job.started_at(self.job_dir(submission_id))
+        try:
+            start_ms = self.client.get_job_info(submission_id).start_time
+        except RuntimeError:
+            return None
+        return start_ms / 1000.0 if start_ms else None
+
+    def lost(self, submission_id: str) -> bool:
+        """A local job that ended without an exit status (its supervisor was killed first)."""
+        return self.target.is_local and local_job.lost(self.job_dir(submission_id))
 
     def get_status(self, submission_id: str) -> str | None:
         if self.target.is_local:
@@ -161,6 +192,9 @@ class RayHook(BaseHook):
     def get_message(self, submission_id: str) -> str:
         if self.target.is_local:
             rc = local_job.return_code(self.job_dir(submission_id))
+            if rc is None and self.lost(submission_id):
+                return ("its supervisor was killed and the job's processes have ended since: the exit status is "
+                        "unknown")
             return f"exit status {rc}" if rc is not None else ""
         try:
             return self.client.get_job_info(submission_id).message or ""
@@ -178,3 +212,13 @@ class RayHook(BaseHook):
         if self.target.is_local:
             return local_job.stop(self.job_dir(submission_id))
         return bool(self.client.stop_job(submission_id))
+
+    def stop_and_wait(self, submission_id: str, wait_s: float = STOP_WAIT_S) -> str | None:
+        """Stop the job and wait (up to `wait_s`) until it has ended; returns its status then."""
+        self.stop(submission_id)
+        deadline = time.time() + wait_s
+        status = self.get_status(submission_id)
+        while status not in (None, *TERMINAL) and time.time() < deadline:
+            time.sleep(0.2)
+            status = self.get_status(submission_id)
+        return status

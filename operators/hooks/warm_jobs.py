@@ -13,11 +13,14 @@ so a job is exactly what `local_job` documents (the same folder, pid file, log, 
 start-up. Only `python -m <module> ...` commands of this interpreter are forked; anything else, a disabled warm
 start (`SEARCHREL_WARM_JOBS=0`) or a server that cannot start falls back to the cold supervisor.
 
-The job gets the submitting process's environment and working directory (sent over the socket, never written
-to disk: it may hold secrets). What is read at import time cannot change after the server started, so a server
-serves only clients that agree on it: its socket is named by a fingerprint of the interpreter, the working
-directory, the import-time environment (PYTHON*, HF_*, TORCH*, OMP_*, RAY_*, ...) and every .py file of the
-project; editing the code starts a new server and the old one idles out.
+The job gets the environment the submitter chose (`base_env`, for Airflow jobs the explicit one of
+`operators.hooks.job_env`) and its working directory, sent over the socket, never written to disk: it may hold
+secrets. The server itself starts with the local pass-through variables of `job_env` only, so no job forked from
+it inherits (even in /proc/<pid>/environ) more than that. What is read at import time cannot change after the
+server started, so a server serves only clients that agree on it: its socket is named by a fingerprint of the
+interpreter, the working directory, the import-time environment (PYTHON*, HF_*, TORCH*, OMP_*, RAY_*, ...: all
+passed by `job_env.LOCAL_ENV`) and every .py file of the project; editing the code starts a new server and the
+old one idles out.
 
 The socket lives in a directory only this user can enter ($XDG_RUNTIME_DIR or the temp dir), and the server
 also checks the peer's uid, so no other user can hand it a job.
@@ -46,6 +49,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 ENABLE_ENV = "SEARCHREL_WARM_JOBS"
@@ -71,13 +75,15 @@ def enabled() -> bool:
     return os.environ.get(ENABLE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def fingerprint() -> str:
-    """What the server's imports depend on: interpreter, installed packages, cwd, import-time env, project code."""
+def fingerprint(environ: Mapping[str, str] | None = None) -> str:
+    """What the server's imports depend on: interpreter, installed packages, cwd, import-time env (of `environ`,
+    default this process's), project code."""
+    environ = os.environ if environ is None else environ
     digest = hashlib.sha256()
     purelib = Path(sysconfig.get_paths()["purelib"])
     digest.update(f"{sys.executable}\0{sys.version}\0{os.getcwd()}\0{purelib.stat().st_mtime_ns}\0".encode())
-    for key in sorted(k for k in os.environ if k.startswith(IMPORT_TIME_ENV)):
-        digest.update(f"{key}={os.environ[key]}\0".encode())
+    for key in sorted(k for k in environ if k.startswith(IMPORT_TIME_ENV)):
+        digest.update(f"{key}={environ[key]}\0".encode())
     for package in PROJECT_PACKAGES:
         for path in sorted((PROJECT_ROOT / package).rglob("*.py")):
             stat = path.stat()
@@ -99,24 +105,27 @@ def socket_dir() -> Path | None:
     return path
 
 
-def hand_over(job_dir: Path, argv: list[str], env: dict[str, str], cwd: str | None) -> bool:
-    """Have a warm server start the job whose spec.json is in `job_dir`; False means: start it cold."""
+def hand_over(job_dir: Path, argv: list[str], env: dict[str, str], cwd: str | None,
+              base_env: Mapping[str, str] | None = None) -> bool:
+    """Have a warm server start the job whose spec.json is in `job_dir` with the environment `base_env` (default:
+    this process's) plus `env`; False means: start it cold."""
     if not enabled() or len(argv) < 3 or argv[0] != sys.executable or argv[1] != "-m":
         return False
     directory = socket_dir()
     if directory is None:
         return False
-    sock_path = directory / f"{fingerprint()}.sock"
+    base = dict(os.environ if base_env is None else base_env)
+    sock_path = directory / f"{fingerprint(base)}.sock"
     if len(str(sock_path)) > 100:  # AF_UNIX paths are limited to 107 bytes
         return False
     message = json.dumps({"job_dir": str(Path(job_dir).resolve()), "argv": list(argv),
-                          "env": {**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+                          "env": {**base, **env, "PYTHONUNBUFFERED": "1"},
                           "cwd": str(cwd or os.getcwd())}).encode() + b"\n"
     for _ in range(2):
         try:
             return _send(sock_path, message)
         except OSError:
-            if not _start_server(sock_path):
+            if not _start_server(sock_path, base):
                 return False
     return False
 
@@ -141,8 +150,11 @@ def _connectable(sock_path: Path) -> bool:
         return False
 
 
-def _start_server(sock_path: Path) -> bool:
-    """Start the server for `sock_path` unless another client just did; True once it accepts connections."""
+def _start_server(sock_path: Path, environ: Mapping[str, str]) -> bool:
+    """Start the server for `sock_path` unless another client just did; True once it accepts connections.
+    It gets only the local pass-through variables of `environ`: the import-time ones among them."""
+    from operators.hooks.job_env import job_environment
+
     with open(sock_path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one starter per fingerprint; the others wait here and then connect
         if _connectable(sock_path):
@@ -150,7 +162,8 @@ def _start_server(sock_path: Path) -> bool:
         with open(sock_path.with_suffix(".log"), "ab") as log:
             server = subprocess.Popen([sys.executable, "-m", "operators.hooks.warm_jobs", str(sock_path)],
                                       start_new_session=True, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                      close_fds=True, cwd=os.getcwd(), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                      close_fds=True, cwd=os.getcwd(),
+                                      env={**job_environment(local=True, environ=environ), "PYTHONUNBUFFERED": "1"})
         deadline = time.time() + _START_TIMEOUT_S
         while time.time() < deadline and server.poll() is None:
             if _connectable(sock_path):

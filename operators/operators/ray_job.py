@@ -7,9 +7,19 @@ What it guarantees, unlike the discontinued Ray provider (a new job on every ret
   job has the id is one submitted. The submission itself is refused by Ray (or by `mkdir` locally) if the id
   exists, so two tries can never both start a job. A job that FAILED or was STOPPED is not resubmitted under
   its id (Ray keeps ids unique); the next try uses `<id>-r2`, `<id>-r3`, ... and looks those up the same way.
-- No timeout of its own (`execution_timeout` stays None unless the DAG sets one). The wait is deferrable: the
-  worker slot is released and `operators.triggers.ray.RayJobTrigger` polls the job, copying its log into the
-  task log as it grows. `deferrable=False` waits in the worker instead, streaming the log the same way.
+- A supervisor killed while its job lives does not make a second copy: the local job stays RUNNING while its
+  processes live (`operators.hooks.local_job`), so a retry attaches to it.
+- Every job has a timeout, counted from the job's submission (a retry that attaches to a running job does not
+  restart the clock): the run's `timeouts` Param (stage -> minutes), else the profile's
+  `<pipeline>.timeouts.<stage>` (minutes), else the operator's `job_timeout`, else the DAG's table
+  (`operators.dag_params.STAGE_TIMEOUT_MINUTES`). At the timeout the operator stops the job (the local job's
+  whole session, or `JobSubmissionClient.stop_job`) and the task fails with AirflowTaskTimeout naming the time.
+  Airflow's own timeouts are the backstop, `TIMEOUT_GRACE_S` later: `execution_timeout` (set from the job's
+  timeout unless the task sets it) and the deferral's timeout, on which the job is stopped too.
+- The wait is deferrable: the worker slot is released and `operators.triggers.ray.RayJobTrigger` polls the job,
+  copying its log into the task log as it grows. `deferrable=False` waits in the worker instead, streaming the
+  log the same way.
+- The job's environment is explicit (`operators.hooks.job_env`): never the worker's whole environment.
 - Killing the task stops the job: `on_kill` while it waits in the worker, `RayJobTrigger.on_kill` while it
   is deferred (a user's mark failed/succeeded or clear; a triggerer restart leaves the job running).
 - Skips: a stage listed in `skip_stages`, a stage outside `until` and its upstream stages, and a stage the
@@ -29,14 +39,41 @@ import os
 import re
 import time
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseOperator
 
+from operators.dag_params import STAGE_TIMEOUT_MINUTES, stage_timeout_minutes
+
 RUN_KEY_TEMPLATE = "{{ params.get('run_key') or run_id }}"
 SKIP_EXIT_CODE = 99
 _MAX_ATTEMPTS = 100
+# Airflow's timeouts (execution_timeout, the deferral's) fire this long after the job's own: by then the operator
+# has stopped the job and failed the task saying why; they only act when it could not (e.g. no triggerer).
+TIMEOUT_GRACE_S = 120.0
+
+
+def _seconds(value: Any, name: str) -> float | None:
+    """A timeout given as seconds (number or text) or a timedelta; None when unset. Must be positive."""
+    if value is None or value == "":
+        return None
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if not seconds > 0:
+        raise ValueError(f"{name} must be positive, not {value!r}")
+    return seconds
+
+
+def duration(seconds: float) -> str:
+    """3.2 s, 5 min 3 s, 2 h 5 min."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s" if secs else f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
 
 
 def path_safe(value: str) -> str:
@@ -86,27 +123,36 @@ class RayJobOperator(BaseOperator):
     :param skip_stages: stage names to skip (templated). :param until: run only this task and its upstream
         tasks; `all` or empty runs every one (templated).
     :param root: the artifact root passed as `--root` (templated; default `$SEARCHREL_ROOT`).
-    :param env: extra environment of the job (templated).
+    :param env: extra environment of the job (templated); the rest is what `operators.hooks.job_env` passes.
+    :param job_timeout: seconds (or a timedelta) after which the job is stopped and the task fails, unless the
+        run's `timeouts` Param or the profile's `<pipeline>.timeouts` section names this stage; default: the DAG's
+        table for the profile (`operators.dag_params.STAGE_TIMEOUT_MINUTES`).
+    :param timeouts: the run's stage -> minutes mapping (templated; the DAGs pass the `timeouts` Param).
     :param ray_conn_id: the Ray connection (see `operators.hooks.ray`).
     :param deferrable: wait in the triggerer (default) or in the worker.
     :param poll_interval: seconds between status checks (default 0.5 locally, 2 growing to 15 on a cluster).
     """
 
     template_fields: Sequence[str] = ("pipeline", "run_key", "dataset", "path", "profile", "overrides",
-                                      "skip_stages", "until", "extra_args", "root", "env")
+                                      "skip_stages", "until", "extra_args", "root", "env", "timeouts")
     ui_color = "#d6ecff"
 
     def __init__(self, *, stage: str, pipeline: str, run_key: str = RUN_KEY_TEMPLATE, dataset: str | None = None,
                  path: str | None = None, profile: str = "tiny", overrides: Any = (), skip_stages: Any = (),
                  until: str | None = None, extra_args: Any = (), root: str | None = None,
-                 env: dict[str, str] | None = None, entrypoint_num_gpus: float | None = None,
+                 env: dict[str, str] | None = None, job_timeout: float | timedelta | None = None,
+                 timeouts: Any = None, entrypoint_num_gpus: float | None = None,
                  entrypoint_memory: int | None = None, entrypoint_resources: dict[str, float] | None = None,
                  ray_conn_id: str = "ray_default", deferrable: bool = True,
                  poll_interval: float | None = None, skip_exit_code: int = SKIP_EXIT_CODE, **kwargs) -> None:
+        explicit_execution_timeout = kwargs.get("execution_timeout") is not None
         super().__init__(**kwargs)
         if not re.fullmatch(r"[a-z][a-z0-9_]*", stage):
             raise ValueError(f"stage {stage!r} must be a Python module name (ray_jobs.<stage>)")
         self.stage = stage
+        self.job_timeout = _seconds(job_timeout, "job_timeout")
+        self.timeouts = timeouts
+        self._explicit_execution_timeout = explicit_execution_timeout
         self.pipeline = pipeline
         self.run_key = run_key
         self.dataset = dataset
@@ -126,6 +172,16 @@ class RayJobOperator(BaseOperator):
         self.poll_interval = poll_interval
         self.skip_exit_code = skip_exit_code
         self._submission_id: str | None = None
+        if not explicit_execution_timeout:
+            # Parsed DAG: the profile is still a template, so the longest default any profile gives this stage;
+            # narrowed to the run's own timeout when the fields are rendered (render_template_fields).
+            if self.job_timeout is not None:
+                longest = self.job_timeout
+            elif str(profile) in STAGE_TIMEOUT_MINUTES:
+                longest = stage_timeout_minutes(str(profile), stage) * 60
+            else:
+                longest = max(stage_timeout_minutes(p, stage) for p in STAGE_TIMEOUT_MINUTES) * 60
+            self.execution_timeout = timedelta(seconds=longest + TIMEOUT_GRACE_S)
 
     # ------------------------------------------------------------------------------------------------ parts
 
@@ -154,9 +210,46 @@ class RayJobOperator(BaseOperator):
         return args + _as_list(self.extra_args, "extra_args")
 
     def job_env(self) -> dict[str, str]:
-        env = {k: os.environ[k] for k in ("SEARCHREL_ROOT", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-               if os.environ.get(k)}
-        return {**env, **{k: str(v) for k, v in (self.env or {}).items()}}
+        """The operator's own `env`; the hook adds what `operators.hooks.job_env` passes from the worker."""
+        from operators.hooks.job_env import checked
+
+        return checked(self.env)
+
+    def resolve_job_timeout(self) -> tuple[float, str]:
+        """(seconds, where that comes from): the run's `timeouts` Param, the profile's `<pipeline>.timeouts`
+        section, the operator's `job_timeout`, the DAG's table for the profile; the first that names the stage."""
+        timeouts = self.timeouts
+        if isinstance(timeouts, str) and timeouts.strip():  # rendered as text: JSON or a Python literal
+            try:
+                timeouts = json.loads(timeouts)
+            except json.JSONDecodeError:
+                timeouts = ast.literal_eval(timeouts.strip())
+        if timeouts and not isinstance(timeouts, dict):
+            raise ValueError(f"timeouts must map stage names to minutes, not {timeouts!r}")
+        for key in (self.task_id, self.stage):
+            if (timeouts or {}).get(key) not in (None, ""):
+                return _seconds(timeouts[key], f"timeouts.{key}") * 60, f"the run's timeouts Param ({key})"
+        profile = str(self.profile)
+        if profile not in STAGE_TIMEOUT_MINUTES or Path(profile).suffix:
+            from pipelines.config import load_profile
+
+            section = (load_profile(profile).get(str(self.pipeline)) or {}).get("timeouts") or {}
+            if section.get(self.stage) not in (None, ""):
+                minutes = _seconds(section[self.stage], f"{self.pipeline}.timeouts.{self.stage}")
+                return minutes * 60, f"profile {profile}: {self.pipeline}.timeouts.{self.stage}"
+        if self.job_timeout is not None:
+            return self.job_timeout, "the task's job_timeout"
+        return (stage_timeout_minutes(profile, self.stage) * 60,
+                f"the DAG's default for profile {profile} (operators.dag_params.STAGE_TIMEOUT_MINUTES)")
+
+    def render_template_fields(self, context, jinja_env=None) -> None:
+        super().render_template_fields(context, jinja_env)
+        if not self._explicit_execution_timeout:
+            try:
+                seconds, _ = self.resolve_job_timeout()
+            except Exception:  # noqa: BLE001 - execute() resolves it again and fails with the reason
+                return
+            self.execution_timeout = timedelta(seconds=seconds + TIMEOUT_GRACE_S)
 
     def entrypoint_request(self) -> dict[str, Any]:
         """What the stage's driver reserves on a cluster: the operator's own `entrypoint_*` arguments, else the
@@ -207,6 +300,7 @@ class RayJobOperator(BaseOperator):
             raise AirflowSkipException(reason)
         ti = context["ti"]
         run_key = path_safe(self.run_key)
+        timeout_s, timeout_source = self.resolve_job_timeout()
         hook = self.hook()
         base = submission_id(ti.dag_id, ti.run_id, ti.task_id, getattr(ti, "map_index", -1))
         sid, status = self._locate(hook, base)
@@ -222,37 +316,89 @@ class RayJobOperator(BaseOperator):
             self.log.info("%s already SUCCEEDED (an earlier try): reusing its result", hook.describe(sid))
         else:
             self.log.info("%s is %s (started by an earlier try): attaching to it", hook.describe(sid), status)
+        deadline = None
+        if status != "SUCCEEDED":
+            deadline = (hook.started_at(sid) or time.time()) + timeout_s
+            self.log.info("job timeout: %s (from %s); the job is stopped at %s if it is still running",
+                          duration(timeout_s), timeout_source,
+                          time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(deadline)))
         if self.deferrable and status != "SUCCEEDED":
             from operators.triggers.ray import RayJobTrigger
 
             local = hook.target.is_local
             poll = self.poll_interval or (0.5 if local else 2.0)
+            # The trigger stops the job at its deadline; the deferral's own timeout is Airflow's backstop.
             self.defer(trigger=RayJobTrigger(sid, hook.target.address, hook.target.extra, poll_interval=poll,
-                                             max_poll_interval=poll if local else max(poll, 15.0)),
-                       method_name="execute_complete", timeout=None)
-        offset = self._wait(hook, sid)
+                                             max_poll_interval=poll if local else max(poll, 15.0),
+                                             deadline=deadline, timeout_s=timeout_s),
+                       method_name="execute_complete",
+                       timeout=timedelta(seconds=max(deadline - time.time(), 0.0) + TIMEOUT_GRACE_S))
+        offset = self._wait(hook, sid, deadline, timeout_s)
         return self._finish(hook, sid, hook.get_status(sid), run_key, offset)
 
-    def _wait(self, hook, sid: str) -> int:
+    def _copy_logs(self, hook, sid: str, offset: int) -> int:
+        while True:
+            text, new_offset = hook.get_logs(sid, offset)
+            for line in text.splitlines():
+                self.log.info("%s", line)
+            if new_offset == offset or not text:
+                return new_offset
+            offset = new_offset
+
+    def _wait(self, hook, sid: str, deadline: float | None = None, timeout_s: float | None = None) -> int:
         offset, poll = 0, self.poll_interval or (0.5 if hook.target.is_local else 2.0)
         while True:
             status = hook.get_status(sid)
-            while True:
-                text, new_offset = hook.get_logs(sid, offset)
-                for line in text.splitlines():
-                    self.log.info("%s", line)
-                if new_offset == offset or not text:
-                    break
-                offset = new_offset
+            offset = self._copy_logs(hook, sid, offset)
             if status in (None, "SUCCEEDED", "FAILED", "STOPPED"):
                 return offset
-            time.sleep(poll)
+            if deadline is not None and time.time() >= deadline:
+                elapsed = time.time() - (deadline - timeout_s)
+                self.log.error("%s passed its timeout (%s): stopping it", hook.describe(sid), duration(timeout_s))
+                final = hook.stop_and_wait(sid)
+                offset = self._copy_logs(hook, sid, offset)
+                if final == "SUCCEEDED":  # it finished between the last look and the stop
+                    return offset
+                raise self.timed_out(hook, sid, elapsed, timeout_s, final)
+            time.sleep(poll if deadline is None else max(0.05, min(poll, deadline - time.time())))
+
+    def timed_out(self, hook, sid: str, elapsed: float, timeout_s: float, final: str | None) -> BaseException:
+        from airflow.sdk.exceptions import AirflowTaskTimeout
+
+        try:
+            _, source = self.resolve_job_timeout()
+        except Exception:  # noqa: BLE001 - the message names the timeout anyway
+            source = "the stage's timeout"
+        stopped = ("it was stopped" if final in ("STOPPED", "FAILED")
+                   else f"stopping it was requested; it is still {final or 'MISSING'}")
+        return AirflowTaskTimeout(
+            f"{hook.describe(sid)} timed out after {duration(elapsed)} (timeout {duration(timeout_s)}, from "
+            f"{source}): {stopped}. The job log is above. A retry starts a new attempt; give the stage more time "
+            f"with the timeouts Param ({{\"{self.stage}\": minutes}}) if it is not hung.")
+
+    def resume_execution(self, next_method: str, next_kwargs: dict[str, Any] | None, context):
+        """Airflow failed the deferral (`__fail__`): on its timeout (the backstop, `TIMEOUT_GRACE_S` after the
+        job's own) stop the job as well, so that it does not run on without a task."""
+        from airflow.sdk.bases.operator import TRIGGER_FAIL_REPR, TriggerFailureReason
+
+        if next_method == TRIGGER_FAIL_REPR and (next_kwargs or {}).get("error") == TriggerFailureReason.TRIGGER_TIMEOUT:
+            ti = context["ti"]
+            hook = self.hook()
+            base = submission_id(ti.dag_id, ti.run_id, ti.task_id, getattr(ti, "map_index", -1))
+            sid, status = self._locate(hook, base)
+            if status not in (None, "SUCCEEDED"):
+                self.log.error("the deferral timed out: stopping %s (%s)", hook.describe(sid),
+                               hook.stop_and_wait(sid))
+        return super().resume_execution(next_method, next_kwargs, context)
 
     def execute_complete(self, context, event: dict[str, Any]) -> Any:
         # Everything needed comes from the event and the re-rendered fields: dag.test() and the triggerer pass
         # resume kwargs differently, the event always.
         hook = self.hook()
         self._submission_id = event["submission_id"]
+        if event.get("timed_out"):
+            raise self.timed_out(hook, event["submission_id"], event["elapsed"], event["timeout_s"],
+                                 event["status"])
         return self._finish(hook, event["submission_id"], event["status"], path_safe(self.run_key),
                             event.get("log_offset", 0))
 
