@@ -27,7 +27,7 @@ from pipelines.data.clicks import (
     split_global_time,
     split_movielens_per_user,
 )
-from pipelines.data.schema import QUARANTINE_SCHEMA
+from pipelines.data.schema import QUARANTINE_SCHEMA, DataError
 
 MOVIELENS = SHARED_DATA / "movielens_100k_recbole"
 CRITEO = SHARED_DATA / "criteo_kaggle_head_8k"
@@ -203,7 +203,10 @@ def test_bad_rows_are_quarantined_not_fatal(tmp_path):
     source = tmp_path / "criteo_small.txt"
     source.write_text("\n".join(lines[:10]) + "\n\n" + "\n".join(lines[10:]) + "\n")  # a blank line is skipped
 
-    summary = prepare_clicks("criteo", source, tmp_path / "out")
+    # 4 of 20 rows are bad: over the default limit (5%), the run fails naming the first bad row
+    with pytest.raises(DataError, match=r"4 of 20 rows .* over prepare.max_bad_fraction=0.05.*criteo_small.txt:4"):
+        prepare_clicks("criteo", source, tmp_path / "refused")
+    summary = prepare_clicks("criteo", source, tmp_path / "out", max_bad_fraction=0.25)
     quarantine = pd.read_parquet(tmp_path / "out" / "quarantine.parquet")
     assert quarantine.columns.tolist() == QUARANTINE_SCHEMA.names
     assert summary["rows_read"] == 20 and summary["quarantined"] == 4 == len(quarantine)
@@ -231,7 +234,7 @@ def test_movielens_bad_ratings_and_missing_features(tmp_path):
     df = load_movielens(folder)
     assert len(df) == 11 and set(df.loc[df["item_id"] == "99", "genre"]) == {""}
     assert set(df["age"]) == {"0-9", "60-69"} and set(df["zip3"]) == {"123", "K1A"}
-    summary = prepare_clicks("movielens", folder, tmp_path / "out")
+    summary = prepare_clicks("movielens", folder, tmp_path / "out", max_bad_fraction=0.2)
     quarantine = pd.read_parquet(tmp_path / "out" / "quarantine.parquet")
     assert summary["rows_read"] == 13 and summary["quarantined"] == 2
     assert sorted(quarantine["field"]) == ["rating", "rating"]

@@ -11,9 +11,12 @@ at load time because their split is positional (see `load_criteo`), MovieLens ge
 `split_movielens_per_user`. `fit_feature_spec` learns vocabularies and standardisation on the train split only,
 `encode` turns a frame into model inputs, and `prepare_clicks` does all of it and writes parquet files.
 
-Bad rows (wrong field count, a label that is not 0/1, an unparsable number) never stop a run: they go to
-`quarantine.parquet` in `pipelines.data.schema.QUARANTINE_SCHEMA` (source = "<dataset>:<file>:<row>", with row
-the 1-based data row, header excluded; blank lines are skipped and not counted).
+Bad rows (wrong field count, a label that is not 0/1, an unparsable or out-of-range number, a field that is
+oversized, undecodable or holds a control character) go to `quarantine.parquet` in
+`pipelines.data.schema.QUARANTINE_SCHEMA` (source = "<dataset>:<file>:<row>", with row the 1-based data row,
+header excluded; blank lines are skipped and not counted), with the field and the reason. As for relevance
+judgments, more than `max_bad_fraction` of them fails the run (a broken file), and so does an empty file or a
+split left without rows. The row checks (`check_click_batch`) run in-process or as Ray Data batches.
 
 Categorical values are kept as strings; a missing value is the empty string and is an ordinary value of the
 vocabulary (in Criteo an empty field carries signal). Nothing here uses Python's `hash()`, which is salted
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -31,7 +35,16 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from pipelines.data.schema import QUARANTINE_SCHEMA
+from pipelines.data.schema import (
+    QUARANTINE_SCHEMA,
+    DataError,
+    check_bad_fraction,
+    control_character,
+    map_batches,
+    quoted,
+    reason_table,
+    refuse_duplicate_columns,
+)
 
 __all__ = [
     "AVAZU_CATEGORICAL",
@@ -43,6 +56,7 @@ __all__ = [
     "SPLITS",
     "Feature",
     "FeatureSpec",
+    "check_click_batch",
     "encode",
     "fit_feature_spec",
     "load_avazu",
@@ -86,14 +100,27 @@ _EPS = 1e-9
 
 # --------------------------------------------------------------------------------------------------- reading
 
+# Click files hold ids, counts and short names, never prose: a longer field is a broken line or a pasted blob,
+# and as a category it would only bloat the vocabulary.
+MAX_FIELD_CHARS = 1_000
+# Criteo's counts are parsed as float64, which holds every integer only below 2**53; beyond it a count would
+# change on its way to int64, and 1e19 does not fit int64 at all.
+CRITEO_MAX_ABS = 2**53
+# The latest second pandas' datetime64[ns] holds (2262-04-11): a later timestamp cannot become an hour of day.
+MAX_UNIX_SECONDS = pd.Timestamp.max.value // 10**9
+# A MovieLens age that is not blank must be a person's age in years.
+MAX_AGE = 150
+
 
 @dataclass
 class _Loaded:
-    """A loader's result: the kept rows, the quarantined ones, and how many data rows the click files held."""
+    """A loader's result: the kept rows, the quarantined rows of the click files, how many data rows the click
+    files held, and the quarantined rows of side tables (MovieLens users and items: lookups, not clicks)."""
 
     frame: pd.DataFrame
     quarantine: pd.DataFrame
     rows_read: int
+    side_quarantine: pd.DataFrame = field(default_factory=lambda: _quarantine_frame([]))
 
 
 def _source(dataset: str, file: str, row: int) -> str:
@@ -101,81 +128,181 @@ def _source(dataset: str, file: str, row: int) -> str:
 
 
 def _quarantine_frame(records: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame(records, columns=QUARANTINE_SCHEMA.names, dtype=str)
+    return pd.DataFrame(records, columns=QUARANTINE_SCHEMA.names, dtype=object)
+
+
+def _split_line(line: str, sep: str) -> list[str]:
+    """The fields of one line. Tab files have no quoting (a `"` in a movie title is text); comma files honour CSV
+    quoting within the line (raises csv.Error, e.g. for a field over csv's 131,072-character limit)."""
+    if sep == "\t" or '"' not in line:
+        return line.split(sep)
+    return next(csv.reader([line], delimiter=sep))
 
 
 def _read_table(path: Path, sep: str, dataset: str,
                 columns: list[str] | None = None) -> tuple[pd.DataFrame, list[dict], int]:
-    """Read a delimited file into string columns plus `_row` (1-based data row).
+    """Read a delimited file into text columns plus `_row` (1-based data row).
 
     With `columns=None` the first line is a RecBole typed header (`user_id:token`): the `:type` suffix is
-    stripped. Otherwise a first line equal to `columns` is taken as a header and skipped, so the same reader
-    serves Avazu's headed train.csv and headless dev.csv. Rows with the wrong number of fields are returned
-    as quarantine records instead of raising. Tab files are read without quote handling (a `"` in a movie
-    title is text); comma files honour CSV quoting.
+    stripped, and a name given twice is refused. Otherwise a first line equal to `columns` is taken as a header
+    and skipped, so the same reader serves Avazu's headed train.csv and headless dev.csv. One line is one row:
+    click logs have no multi-line fields, so a stray quote or a runaway field spoils its own row only. Rows with
+    the wrong number of fields, or a line csv cannot parse, are returned as quarantine records instead of
+    raising. Undecodable bytes become U+FFFD, which the row checks quarantine.
     """
-    quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
     with path.open(newline="", encoding="utf-8", errors="replace") as fh:
-        rows = [row for row in csv.reader(fh, delimiter=sep, quoting=quoting) if row]
+        lines = [text for text in (line.rstrip("\r\n") for line in fh) if text]  # blank lines are not rows
     if columns is None:
-        if not rows:
-            raise ValueError(f"{path} is empty: a RecBole atomic file starts with a typed header")
-        columns = [c.split(":", 1)[0] for c in rows[0]]
-        rows = rows[1:]
-    elif rows and rows[0] == columns:
-        rows = rows[1:]
+        if not lines:
+            raise DataError(f"{path} is empty: a RecBole atomic file starts with a typed header")
+        columns = [c.split(":", 1)[0] for c in lines[0].split(sep)]
+        refuse_duplicate_columns(path, columns)
+        lines = lines[1:]
+    elif lines and lines[0].split(sep) == columns:
+        lines = lines[1:]
     width = len(columns)
     good: list[list[str]] = []
     good_rows: list[int] = []
     bad: list[dict] = []
-    for i, fields in enumerate(rows, start=1):
+    for i, line in enumerate(lines, start=1):
+        try:
+            fields = _split_line(line, sep)
+        except csv.Error as err:
+            bad.append({"source": _source(dataset, path.name, i), "field": "",
+                        "reason": f"unparsable line ({err})", "record": json.dumps(line)})
+            continue
         if len(fields) == width:
             good.append(fields)
             good_rows.append(i)
         else:
             bad.append({"source": _source(dataset, path.name, i), "field": "",
                         "reason": f"expected {width} fields, got {len(fields)}", "record": json.dumps(fields)})
-    frame = pd.DataFrame(good, columns=columns, dtype=str)
+    frame = pd.DataFrame(good, columns=columns, dtype=object)
     frame["_row"] = np.asarray(good_rows, dtype=np.int64)
-    return frame, bad, len(rows)
+    return frame, bad, len(lines)
+
+
+def _require_rows(path: Path, rows_read: int) -> None:
+    if rows_read == 0:
+        raise DataError(f"{path}: no data rows (an empty file, or a header only)")
 
 
 class _Checks:
-    """Collects per-field row checks, then splits a frame into kept rows and quarantine records."""
+    """Collects per-field row checks of a frame of text columns plus `_row`, then names each bad row's fields
+    and reasons."""
 
-    def __init__(self, frame: pd.DataFrame, dataset: str, file: str) -> None:
-        self.frame, self.dataset, self.file = frame, dataset, file
-        self.problems: list[tuple[str, np.ndarray, str]] = []
+    def __init__(self, frame: pd.DataFrame) -> None:
+        self.frame = frame
+        self.problems: list[tuple[str, np.ndarray]] = []  # (column, reason per row or None)
 
     def check(self, column: str, bad: pd.Series | np.ndarray, reason: str) -> None:
-        self.problems.append((column, np.asarray(bad, dtype=bool), reason))
+        self.problems.append((column, np.where(np.asarray(bad, dtype=bool), reason, None)))
 
-    def split(self) -> tuple[pd.DataFrame, list[dict]]:
+    def check_each(self, column: str, reasons: pd.Series) -> None:
+        """A reason (or None) per row, for checks whose reason depends on the value."""
+        reasons = reasons.to_numpy(dtype=object)
+        self.problems.append((column, np.where(pd.notna(reasons), reasons, None)))  # map() turns None into NaN
+
+    def verdicts(self) -> pd.DataFrame:
+        """`_row`, `field` (the columns at fault, comma separated) and `reason` of each bad row, in row order."""
         failed = np.zeros(len(self.frame), dtype=bool)
-        for _, bad, _ in self.problems:
-            failed |= bad
-        records = []
-        data_columns = [c for c in self.frame.columns if c != "_row"]
+        for _, reasons in self.problems:
+            failed |= pd.notna(reasons)
+        rows, fields, reasons = [], [], []
         for i in np.flatnonzero(failed):
-            row = self.frame.iloc[i]
-            hits = [(col, reason) for col, bad, reason in self.problems if bad[i]]
-            records.append({
-                "source": _source(self.dataset, self.file, int(row["_row"])),
-                "field": ",".join(col for col, _ in hits),
-                "reason": "; ".join(f"{col} {reason}: {row[col]!r}" for col, reason in hits),
-                "record": json.dumps({c: row[c] for c in data_columns}),
-            })
-        return self.frame[~failed].reset_index(drop=True), records
+            hits = [(col, why[i]) for col, why in self.problems if why[i] is not None]
+            rows.append(int(self.frame["_row"].iloc[i]))
+            fields.append(",".join(dict.fromkeys(col for col, _ in hits)))
+            reasons.append("; ".join(f"{col} {why}: {quoted(self.frame[col].iloc[i])}" for col, why in hits))
+        return pd.DataFrame({"_row": np.asarray(rows, dtype=np.int64), "field": pd.Series(fields, dtype=object),
+                             "reason": pd.Series(reasons, dtype=object)})
+
+
+def _text_fault(value: str) -> str | None:
+    if len(value) > MAX_FIELD_CHARS:
+        return f"over {MAX_FIELD_CHARS} characters"
+    if "\ufffd" in value:
+        return "undecodable text"
+    found = control_character(value)
+    return None if found is None else f"control character {found}"
+
+
+def _check_text(frame: pd.DataFrame, checks: _Checks) -> None:
+    """Every field of every row: not oversized, decodable, free of control characters."""
+    for col in frame.columns:
+        if col != "_row":
+            checks.check_each(col, frame[col].map(_text_fault))
 
 
 def _to_number(values: pd.Series) -> pd.Series:
     """Strings to float64; empty or unparsable -> NaN (callers tell the two apart with `_is_blank`)."""
-    stripped = values.str.strip()
+    stripped = values.astype(object).str.strip()
     return pd.to_numeric(stripped.where(stripped != ""), errors="coerce").astype(np.float64)
 
 
 def _is_blank(values: pd.Series) -> pd.Series:
-    return values.str.strip() == ""
+    return values.astype(object).str.strip() == ""
+
+
+def _criteo_checks(frame: pd.DataFrame, checks: _Checks) -> None:
+    checks.check("label", ~frame["label"].isin(["0", "1"]), "not 0/1")
+    for col in CRITEO_NUMERIC:
+        num = _to_number(frame[col])
+        finite = np.isfinite(num.fillna(0.0))
+        checks.check(col, (num.isna() & ~_is_blank(frame[col])) | ~finite | (num.fillna(0.0) % 1 != 0),
+                     "not an integer")
+        checks.check(col, finite & (num.abs() >= CRITEO_MAX_ABS), "out of range (beyond +-2**53)")
+
+
+def _avazu_checks(frame: pd.DataFrame, checks: _Checks) -> None:
+    checks.check("click", ~frame["click"].isin(["0", "1"]), "not 0/1")
+    hour = frame["hour"].astype(object)
+    when = pd.to_datetime(hour, format="%y%m%d%H", errors="coerce")
+    checks.check("hour", when.isna() | ~hour.str.fullmatch(r"\d{8}").astype(bool), "not YYMMDDHH")
+
+
+def _movielens_checks(frame: pd.DataFrame, checks: _Checks) -> None:
+    checks.check("user_id", _is_blank(frame["user_id"]), "empty")
+    checks.check("item_id", _is_blank(frame["item_id"]), "empty")
+    checks.check("rating", ~_to_number(frame["rating"]).between(1, 5), "not a rating in 1..5")
+    stamp = _to_number(frame["timestamp"])
+    checks.check("timestamp", ~stamp.between(0, MAX_UNIX_SECONDS),
+                 f"not a unix timestamp in 0..{MAX_UNIX_SECONDS} (1970 to 2262)")
+
+
+_VALUE_CHECKS = {"criteo": _criteo_checks, "avazu": _avazu_checks, "movielens": _movielens_checks}
+
+
+def check_click_batch(batch: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    """The `_row`, `field` and `reason` of each bad row in one batch of a click file (its text columns plus
+    `_row`): the text checks of every field, then the value checks of `dataset`. A pure function of the batch,
+    so either engine runs it (`pipelines.data.schema.map_batches`)."""
+    # Ray hands batches back with Arrow-backed columns; Python strings make both engines apply the same checks.
+    batch = batch.astype({c: object for c in batch.columns if c != "_row"})
+    checks = _Checks(batch)
+    _check_text(batch, checks)
+    _VALUE_CHECKS[dataset](batch, checks)
+    return checks.verdicts()
+
+
+def _checked(frame: pd.DataFrame, dataset: str, file: str, engine: str,
+             batch_size: int) -> tuple[pd.DataFrame, list[dict]]:
+    """Run the row checks of `dataset` on one file's rows under `engine`: (the rows that pass, quarantine records
+    of the rest, in row order)."""
+    verdicts = map_batches(frame, check_click_batch, engine=engine, batch_size=batch_size, dataset=dataset)
+    verdicts = verdicts.reindex(columns=["_row", "field", "reason"])  # Ray may return no columns for no rows
+    verdicts = verdicts.astype({"_row": np.int64}).sort_values("_row", kind="stable")
+    failed = frame["_row"].isin(verdicts["_row"])
+    data_columns = [c for c in frame.columns if c != "_row"]
+    raw = frame[failed].set_index("_row")
+    records = [{"source": _source(dataset, file, int(row)), "field": str(fld), "reason": str(why),
+                "record": json.dumps({c: raw.at[row, c] for c in data_columns})}
+               for row, fld, why in zip(verdicts["_row"], verdicts["field"], verdicts["reason"], strict=True)]
+    return frame[~failed].reset_index(drop=True), records
+
+
+def _by_row(records: list[dict]) -> list[dict]:
+    return sorted(records, key=lambda r: int(r["source"].rsplit(":", 1)[1]))
 
 
 def _tail_split(rows: np.ndarray, n_rows: int, carve_val: bool) -> np.ndarray:
@@ -190,12 +317,14 @@ def _tail_split(rows: np.ndarray, n_rows: int, carve_val: bool) -> np.ndarray:
     return split
 
 
-def _load_split_files(path: Path, read_file) -> _Loaded:
+def _load_split_files(path: Path, dataset: str, sep: str, columns: list[str],
+                      typed: Callable[[pd.DataFrame], pd.DataFrame], engine: str, batch_size: int) -> _Loaded:
     """Criteo/Avazu layout: a folder with train.csv (+ dev.csv), or one file.
 
     train.csv -> train, with its last 10% of rows carved off as test (the files keep the source's order, which
     for Criteo is chronological); dev.csv -> val. `test.csv` is held back for independent evaluation and is
     never read, even where present. Without dev.csv (or for a single file) val is the 10% before the test tail.
+    Each file's rows are checked (`check_click_batch`) and the good ones made `typed`.
     """
     path = Path(path)
     if path.is_dir():
@@ -209,13 +338,16 @@ def _load_split_files(path: Path, read_file) -> _Loaded:
         raise FileNotFoundError(f"{path} does not exist")
     frames, records, rows_read = [], [], 0
     for file, role in parts:
-        kept, bad, n = read_file(file)
+        raw, bad, n = _read_table(file, sep, dataset, columns)
+        _require_rows(file, n)
+        passed, failed = _checked(raw, dataset, file.name, engine, batch_size)
+        kept = typed(passed)
         if role == "val":
             kept["split"] = "val"
         else:
-            kept["split"] = _tail_split(kept["_row"].to_numpy(), n, carve_val=len(parts) == 1)
-        frames.append(kept.drop(columns="_row"))
-        records.extend(bad)
+            kept["split"] = _tail_split(passed["_row"].to_numpy(), n, carve_val=len(parts) == 1)
+        frames.append(kept)
+        records.extend(_by_row(bad + failed))
         rows_read += n
     frame = pd.concat(frames, ignore_index=True)
     frame["split"] = frame["split"].astype(str)
@@ -225,27 +357,17 @@ def _load_split_files(path: Path, read_file) -> _Loaded:
 # --------------------------------------------------------------------------------------------------- Criteo
 
 
-def _read_criteo_file(path: Path) -> tuple[pd.DataFrame, list[dict], int]:
-    frame, bad, n = _read_table(path, "\t", "criteo", CRITEO_COLUMNS)
-    checks = _Checks(frame, "criteo", path.name)
-    checks.check("label", ~frame["label"].isin(["0", "1"]), "not 0/1")
+def _typed_criteo(rows: pd.DataFrame) -> pd.DataFrame:
+    out = pd.DataFrame({"label": rows["label"].astype(np.int8)})
     for col in CRITEO_NUMERIC:
-        num = _to_number(frame[col])
-        blank = _is_blank(frame[col])
-        unparsable = (num.isna() & ~blank) | ~np.isfinite(num.fillna(0.0)) | (num.fillna(0.0) % 1 != 0)
-        checks.check(col, unparsable, "not an integer")
-    kept, records = checks.split()
-    out = pd.DataFrame({"label": kept["label"].astype(np.int8)})
-    for col in CRITEO_NUMERIC:
-        out[col] = _to_number(kept[col]).astype("Int64")
+        out[col] = _to_number(rows[col]).astype("Int64")
     for col in CRITEO_CATEGORICAL:
-        out[col] = kept[col]
-    out["_row"] = kept["_row"]
-    return out, bad + records, n
+        out[col] = rows[col].astype(str)
+    return out
 
 
-def _load_criteo(path: Path) -> _Loaded:
-    return _load_split_files(path, _read_criteo_file)
+def _load_criteo(path: Path, engine: str = "pandas", batch_size: int = 8192) -> _Loaded:
+    return _load_split_files(path, "criteo", "\t", CRITEO_COLUMNS, _typed_criteo, engine, batch_size)
 
 
 def load_criteo(path: Path) -> pd.DataFrame:
@@ -260,23 +382,17 @@ def load_criteo(path: Path) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------------- Avazu
 
 
-def _read_avazu_file(path: Path) -> tuple[pd.DataFrame, list[dict], int]:
-    frame, bad, n = _read_table(path, ",", "avazu", AVAZU_COLUMNS)
-    checks = _Checks(frame, "avazu", path.name)
-    checks.check("click", ~frame["click"].isin(["0", "1"]), "not 0/1")
-    when = pd.to_datetime(frame["hour"], format="%y%m%d%H", errors="coerce")
-    checks.check("hour", when.isna() | ~frame["hour"].str.fullmatch(r"\d{8}"), "not YYMMDDHH")
-    kept, records = checks.split()
-    out = pd.DataFrame({"label": kept["click"].astype(np.int8), "hour": kept["hour"]})
-    out["hour_of_day"] = kept["hour"].str[-2:].astype(int).astype(str)
+def _typed_avazu(rows: pd.DataFrame) -> pd.DataFrame:
+    hour = rows["hour"].astype(str)
+    out = pd.DataFrame({"label": rows["click"].astype(np.int8), "hour": hour})
+    out["hour_of_day"] = hour.str[-2:].astype(int).astype(str)
     for col in AVAZU_CATEGORICAL[:-1]:
-        out[col] = kept[col]
-    out["_row"] = kept["_row"]
-    return out, bad + records, n
+        out[col] = rows[col].astype(str)
+    return out
 
 
-def _load_avazu(path: Path) -> _Loaded:
-    return _load_split_files(path, _read_avazu_file)
+def _load_avazu(path: Path, engine: str = "pandas", batch_size: int = 8192) -> _Loaded:
+    return _load_split_files(path, "avazu", ",", AVAZU_COLUMNS, _typed_avazu, engine, batch_size)
 
 
 def load_avazu(path: Path) -> pd.DataFrame:
@@ -288,23 +404,40 @@ def load_avazu(path: Path) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------------------------------- MovieLens
 
+_SIDE_COLUMNS = {"user_id": ["age", "gender", "occupation", "zip_code"], "item_id": ["release_year", "class"]}
+
 
 def _age_bucket(age: float) -> str:
-    if np.isnan(age) or age < 0:
+    if np.isnan(age):
         return ""
     low = int(age // 10 * 10)
     return f"{low}-{low + 9}"
 
 
 def _side_table(path: Path, key: str) -> tuple[pd.DataFrame, list[dict]]:
-    """A RecBole .user/.item table, one row per key: later duplicates and malformed rows are quarantined."""
+    """A RecBole .user/.item table, one row per key: later duplicates and malformed rows are quarantined. Side
+    tables are small lookups, so they are checked in this process under either engine."""
+    if not path.exists():
+        raise DataError(f"{path} does not exist: MovieLens needs the .inter, .user and .item files side by side")
     frame, bad, _ = _read_table(path, "\t", "movielens")
-    if key not in frame.columns:
-        raise ValueError(f"{path} has no {key} column (columns: {list(frame.columns)})")
-    checks = _Checks(frame, "movielens", path.name)
+    missing = [c for c in (key, *_SIDE_COLUMNS[key]) if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path} lacks columns {missing} (columns: {[c for c in frame.columns if c != '_row']})")
+    checks = _Checks(frame)
+    _check_text(frame, checks)
+    checks.check(key, _is_blank(frame[key]), "empty")
     checks.check(key, frame.duplicated(key, keep="first"), "duplicate")
-    kept, records = checks.split()
-    return kept.drop(columns="_row"), bad + records
+    if key == "user_id":
+        age = _to_number(frame["age"])
+        checks.check("age", ~_is_blank(frame["age"]) & ~age.between(0, MAX_AGE), f"not an age in 0..{MAX_AGE}")
+    verdicts = checks.verdicts()
+    failed = frame["_row"].isin(verdicts["_row"])
+    data_columns = [c for c in frame.columns if c != "_row"]
+    rows = frame[failed].set_index("_row")
+    records = [{"source": _source("movielens", path.name, int(row)), "field": fld, "reason": why,
+                "record": json.dumps({c: rows.at[row, c] for c in data_columns})}
+               for row, fld, why in zip(verdicts["_row"], verdicts["field"], verdicts["reason"], strict=True)]
+    return frame[~failed].drop(columns="_row").reset_index(drop=True), _by_row(bad + records)
 
 
 def _atomic_file(path: Path, suffix: str) -> Path:
@@ -314,29 +447,22 @@ def _atomic_file(path: Path, suffix: str) -> Path:
     return matches[0]
 
 
-def _load_movielens(path: Path) -> _Loaded:
+def _load_movielens(path: Path, engine: str = "pandas", batch_size: int = 8192) -> _Loaded:
     inter_path = _atomic_file(path, ".inter")
     inter, records, rows_read = _read_table(inter_path, "\t", "movielens")
     missing = {"user_id", "item_id", "rating", "timestamp"} - set(inter.columns)
     if missing:
-        raise ValueError(f"{inter_path} lacks columns {sorted(missing)}")
-    checks = _Checks(inter, "movielens", inter_path.name)
-    checks.check("user_id", _is_blank(inter["user_id"]), "empty")
-    checks.check("item_id", _is_blank(inter["item_id"]), "empty")
-    rating = _to_number(inter["rating"])
-    checks.check("rating", ~rating.between(1, 5), "not a rating in 1..5")
-    stamp = _to_number(inter["timestamp"])
-    checks.check("timestamp", ~(stamp >= 0) | ~np.isfinite(stamp.fillna(-1.0)), "not a unix timestamp")
-    kept, bad = checks.split()
-    records += bad
+        raise DataError(f"{inter_path} lacks columns {sorted(missing)}")
+    _require_rows(inter_path, rows_read)
+    kept, failed = _checked(inter, "movielens", inter_path.name, engine, batch_size)
+    records = _by_row(records + failed)
 
     out = pd.DataFrame({"user_id": kept["user_id"].str.strip(), "item_id": kept["item_id"].str.strip()})
     out["rating"] = _to_number(kept["rating"])
     out["timestamp"] = _to_number(kept["timestamp"]).astype(np.int64)
     out["label"] = (out["rating"] >= 4).astype(np.int8)
 
-    users, bad = _side_table(inter_path.with_suffix(".user"), "user_id")
-    records += bad
+    users, side_records = _side_table(inter_path.with_suffix(".user"), "user_id")
     users = pd.DataFrame({
         "user_id": users["user_id"],
         "age": [_age_bucket(a) for a in _to_number(users["age"])],
@@ -345,12 +471,12 @@ def _load_movielens(path: Path) -> _Loaded:
         "zip3": users["zip_code"].str.strip().str[:3],
     })
     items, bad = _side_table(inter_path.with_suffix(".item"), "item_id")
-    records += bad
+    side_records += bad
     year = items["release_year"].str.strip()
     genres = items["class"].str.split().str.join(" ")
     items = pd.DataFrame({
         "item_id": items["item_id"],
-        "release_year": year.where(year.str.fullmatch(r"\d{4}"), ""),  # item 267 has "unkonwn"
+        "release_year": year.where(year.str.fullmatch(r"\d{4}").astype(bool), ""),  # item 267 has "unkonwn"
         "genre": genres.str.split(" ").str[0],
         "genres": genres,
     })
@@ -358,10 +484,12 @@ def _load_movielens(path: Path) -> _Loaded:
     feature_columns = ["age", "gender", "occupation", "zip3", "release_year", "genre", "genres"]
     for col in feature_columns:  # a rating whose user/item has no features row gets ""
         out[col] = out[col].fillna("").astype(str)
+    for col in ("user_id", "item_id"):
+        out[col] = out[col].astype(str)
     when = pd.to_datetime(out["timestamp"], unit="s", utc=True)
     out["hour"] = when.dt.hour.astype(str)
     out["weekday"] = pd.Series(np.asarray(_WEEKDAYS)[when.dt.dayofweek.to_numpy()], index=out.index, dtype=str)
-    return _Loaded(out, _quarantine_frame(records), rows_read)
+    return _Loaded(out, _quarantine_frame(records), rows_read, _quarantine_frame(side_records))
 
 
 def load_movielens(path: Path) -> pd.DataFrame:
@@ -574,30 +702,44 @@ def encode(df: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------------- entry
 
 
-def _dataset_inputs(dataset: str, path: Path) -> tuple[_Loaded, list[str], list[str]]:
+def _dataset_inputs(dataset: str, path: Path, engine: str, batch_size: int) -> tuple[_Loaded, list[str], list[str]]:
     if dataset == "movielens":
-        loaded = _load_movielens(path)
-        loaded.frame = split_movielens_per_user(loaded.frame)
-        return loaded, MOVIELENS_CATEGORICAL, []
+        return _load_movielens(path, engine, batch_size), MOVIELENS_CATEGORICAL, []
     if dataset == "criteo":
-        return _load_criteo(path), CRITEO_CATEGORICAL, CRITEO_NUMERIC
+        return _load_criteo(path, engine, batch_size), CRITEO_CATEGORICAL, CRITEO_NUMERIC
     if dataset == "avazu":
-        return _load_avazu(path), AVAZU_CATEGORICAL, []
+        return _load_avazu(path, engine, batch_size), AVAZU_CATEGORICAL, []
     raise ValueError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
 
 
-def prepare_clicks(dataset: str, path: Path, out_dir: Path, min_count: int = 2, seed: int = 0) -> dict:
+def prepare_clicks(dataset: str, path: Path, out_dir: Path, min_count: int = 2, seed: int = 0,
+                   max_bad_fraction: float = 0.05, engine: str = "pandas", batch_size: int = 8192) -> dict:
     """Load, split, fit the feature spec on train, encode, and write the prepared click data set.
 
     Writes `out_dir/{train,val,test}.parquet` (the `encode` columns), `feature_spec.json` and
-    `quarantine.parquet` (always, empty when no row was bad). Returns the summary: dataset, rows_read (data
-    rows of the click files), rows / positives / ctr per split, quarantined (click-file rows dropped, so kept +
-    quarantined = rows_read), features, cardinalities (embedding table sizes, OOV row included), min_count,
-    seed. Every split here is positional or time based, so `seed` changes nothing yet; it is recorded so that
-    a later sampled split stays reproducible under the same signature.
+    `quarantine.parquet` (always, empty when no row was bad; side-table rows of MovieLens after the click rows).
+    Returns the summary: dataset, rows_read (data rows of the click files), rows / positives / ctr per split,
+    quarantined (click-file rows dropped, so kept + quarantined = rows_read), quarantine_reasons (a table),
+    features, cardinalities (embedding table sizes, OOV row included), min_count, seed. Every split here is
+    positional or time based, so `seed` changes nothing yet; it is recorded so that a later sampled split stays
+    reproducible under the same signature.
+
+    Fails with `DataError` when more than `max_bad_fraction` of the click rows are quarantined (the rule of the
+    relevance loaders, `pipelines.data.schema.check_bad_fraction`) or when a split is left without rows. The row
+    checks run in this process (`engine="pandas"`) or as Ray Data batches (`engine="ray"`), with identical files.
     """
-    loaded, categorical, numeric = _dataset_inputs(dataset, Path(path))
-    frame = loaded.frame
+    loaded, categorical, numeric = _dataset_inputs(dataset, Path(path), engine, batch_size)
+    check_bad_fraction(path, loaded.rows_read, loaded.quarantine, max_bad_fraction)
+    frame = loaded.frame if "split" in loaded.frame.columns else split_movielens_per_user(loaded.frame)
+    counts = frame["split"].value_counts()
+    empty = [split for split in SPLITS if not counts.get(split)]
+    if empty:
+        raise DataError(
+            f"{path}: no rows left for the {' and '.join(empty)} split(s) ({loaded.rows_read} rows read, "
+            f"{len(loaded.quarantine)} quarantined, {dict(counts)} kept per split); a model needs train, val and "
+            "test rows: use a larger file (Criteo/Avazu hold out each file's last 10%; MovieLens the latest "
+            "ratings of users with 3 or more)."
+        )
     spec = fit_feature_spec(frame[frame["split"] == "train"], categorical, numeric, min_count)
     encoded = encode(frame, spec)
 
@@ -609,9 +751,10 @@ def prepare_clicks(dataset: str, path: Path, out_dir: Path, min_count: int = 2, 
         part.to_parquet(out_dir / f"{split}.parquet", index=False)
         rows[split] = len(part)
         positives[split] = int(part[spec.label].sum())
-        ctr[split] = positives[split] / rows[split] if rows[split] else None
+        ctr[split] = positives[split] / rows[split]
     spec.to_json(out_dir / "feature_spec.json")
-    loaded.quarantine.to_parquet(out_dir / "quarantine.parquet", index=False, schema=QUARANTINE_SCHEMA)
+    quarantine = pd.concat([loaded.quarantine, loaded.side_quarantine], ignore_index=True)
+    quarantine.to_parquet(out_dir / "quarantine.parquet", index=False, schema=QUARANTINE_SCHEMA)
     return {
         "dataset": dataset,
         "rows_read": loaded.rows_read,
@@ -619,6 +762,7 @@ def prepare_clicks(dataset: str, path: Path, out_dir: Path, min_count: int = 2, 
         "positives": positives,
         "ctr": ctr,
         "quarantined": loaded.rows_read - len(frame),
+        "quarantine_reasons": reason_table(quarantine["reason"]),
         "features": {"categorical": spec.categorical, "numeric": spec.numeric},
         "cardinalities": spec.cardinalities(),
         "min_count": min_count,

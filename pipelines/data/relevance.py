@@ -27,10 +27,25 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.data.schema import COLUMNS, JUDGMENT_SCHEMA, LEVELS, QUARANTINE_SCHEMA
+from pipelines.data.schema import (
+    COLUMNS,
+    ENGINES,
+    JUDGMENT_SCHEMA,
+    LEVELS,
+    QUARANTINE_SCHEMA,
+    DataError,
+    check_bad_fraction,
+    control_character,
+    map_batches,
+    quoted,
+    reason_table,
+    refuse_duplicate_columns,
+)
 
 DATASETS = ("crowdflower", "homedepot", "esci", "table")
 SPLITS = ("train", "val", "test")
+# Ids are keys, not text: a longer one is a shifted column or a pasted blob.
+MAX_ID_CHARS = 256
 
 
 @dataclass
@@ -70,7 +85,8 @@ class PrepareConfig:
     max_queries: int = field(
         default=0, metadata={"help": "Keep only this many queries (seeded choice) before splitting; 0 keeps all."}
     )
-    engine: str = field(default="ray", metadata={"help": "ray (Ray Data map_batches) or pandas (in-process)."})
+    engine: str = field(default="ray", metadata={"help": f"{' or '.join(ENGINES)}: ray (Ray Data map_batches) or "
+                                                          "pandas (in-process)."})
     batch_size: int = field(default=8192, metadata={"help": "Rows per Ray Data batch."})
 
 
@@ -105,23 +121,59 @@ SPECS = {
 ESCI_LEVELS = {"E": 4, "S": 3, "C": 2, "I": 1}
 
 
-class DataError(ValueError):
-    """A source cannot be read or is too broken to use; the message names the file and what to do."""
-
-
 def _read_csv(path: Path, encoding: str, sep: str = ",") -> pd.DataFrame:
     # Everything as text: the validator decides what parses. surrogateescape keeps undecodable bytes visible
     # (as lone surrogates) so those rows are quarantined instead of failing the whole read.
+    options = dict(dtype=object, keep_default_na=False, encoding=encoding, encoding_errors="surrogateescape", sep=sep)
     try:
-        return pd.read_csv(path, dtype=object, keep_default_na=False, encoding=encoding,
-                           encoding_errors="surrogateescape", sep=sep)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeError) as err:
+        # pandas renames a repeated header name ("query", "query.1"): read the header as it is written first.
+        header = pd.read_csv(path, header=None, nrows=1, **options)
+        refuse_duplicate_columns(path, [str(name) for name in header.iloc[0]])
+        return pd.read_csv(path, **options)
+    except pd.errors.EmptyDataError as err:
+        raise DataError(f"{path} is empty: no header and no data rows") from err
+    except (pd.errors.ParserError, UnicodeError) as err:
         raise DataError(f"{path}: cannot parse as CSV ({err}); check the delimiter, quoting and encoding") from err
 
 
-def _read_table(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
+def _is_nested(kind: pa.DataType) -> bool:
+    return pa.types.is_nested(kind) or pa.types.is_dictionary(kind) and pa.types.is_nested(kind.value_type)
+
+
+def _cell_text(value: Any) -> str:
+    """One Parquet cell as the text a CSV would hold: null and NaN are empty, bytes are decoded (undecodable
+    ones kept as lone surrogates, quarantined like a CSV's), numbers print as Python prints them."""
+    if value is None or isinstance(value, float) and np.isnan(value):
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list | dict | tuple):  # a nested column no loader reads: kept for the record only
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return str(value)
+
+
+def _read_parquet(path: Path, used: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A Parquet file as text columns, like `_read_csv`: typed columns (numbers, bytes, dates) become their
+    text and the validator decides what parses; a nested column among `used` is refused, naming it."""
+    try:
+        schema = pq.read_schema(path)
+        refuse_duplicate_columns(path, schema.names)
+        for column in schema:
+            if column.name in used and _is_nested(column.type):
+                raise DataError(f"{path}: column {column.name!r} is {column.type}, not text or a number; write "
+                                "it as a plain column")
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{path}: cannot read as Parquet ({err})") from err
+    return pd.DataFrame({name: pd.Series([_cell_text(v) for v in table.column(name).to_pylist()], dtype=object)
+                         for name in schema.names}, index=pd.RangeIndex(table.num_rows))
+
+
+def _read_table(path: Path, used: tuple[str, ...] = (), encoding: str = "utf-8") -> pd.DataFrame:
     if path.suffix == ".parquet":
-        return pd.read_parquet(path).astype(str).replace({"None": "", "nan": ""})
+        return _read_parquet(path, used)
     sep = "\t" if path.suffix in (".tsv", ".tab") else ","
     return _read_csv(path, encoding, sep)
 
@@ -138,46 +190,61 @@ def _single_file(path: Path, default_name: str) -> Path:
 def read_raw(dataset: str, path: Path, config: PrepareConfig | None = None) -> tuple[pd.DataFrame, SourceSpec]:
     """Read a source as text columns plus `_source` ("<dataset>:<file>:<row>", row = 1-based data row)."""
     config = config or PrepareConfig()
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    spec = _table_spec(config) if dataset == "table" else SPECS[dataset]
+    needed = tuple(c for c in (spec.query, spec.title, spec.label, spec.description, spec.query_id, spec.item_id)
+                   if c)
+    used = needed + spec.attributes
     if dataset == "crowdflower":
         file = _single_file(path, "train.csv")
-        df = _read_table(file)
+        df = _read_table(file, used)
     elif dataset == "homedepot":
         file = _single_file(path, "train.csv")
         df = _read_csv(file, encoding="ISO-8859-1")  # Home Depot's file is latin-1, not UTF-8
     elif dataset == "esci":
-        df, file = _read_esci(Path(path))
-    elif dataset == "table":
+        df, file = _read_esci(Path(path), used)
+    else:
         file = Path(path)
         if not file.is_file():
             raise DataError(f"{file} is not a file; --dataset table takes one CSV/TSV/Parquet file")
-        df = _read_table(file)
-    else:
-        raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    spec = _table_spec(config) if dataset == "table" else SPECS[dataset]
-    needed = [c for c in (spec.query, spec.title, spec.label, spec.description, spec.query_id, spec.item_id) if c]
+        df = _read_table(file, used)
     missing = [c for c in needed if c not in df.columns]
     if missing:
         raise DataError(f"{file}: missing column(s) {missing}; found {list(df.columns)}")
+    if df.empty:
+        raise DataError(f"{file}: a header and no data rows")
     df = df.reset_index(drop=True)
     df["_source"] = [f"{dataset}:{file.name}:{i + 1}" for i in range(len(df))]
     return df, spec
 
 
-def _read_esci(path: Path) -> tuple[pd.DataFrame, Path]:
+def _read_esci(path: Path, used: tuple[str, ...]) -> tuple[pd.DataFrame, Path]:
     """ESCI as released (examples parquet + products parquet, joined on product and locale) or a joined file."""
     if path.is_dir():
         examples = sorted(path.glob("*examples*.parquet"))
         products = sorted(path.glob("*products*.parquet"))
         if examples and products:
-            ex = pd.read_parquet(examples[0])
-            pr = pd.read_parquet(products[0])
-            df = ex.merge(pr, on=["product_id", "product_locale"], how="left", validate="many_to_one")
-            return df.astype(str).replace({"None": "", "nan": ""}), examples[0]
+            ex = _read_parquet(examples[0], used)
+            pr = _read_parquet(products[0], used)
+            keys = ["product_id", "product_locale"]
+            for file, frame in ((examples[0], ex), (products[0], pr)):
+                missing = [k for k in keys if k not in frame.columns]
+                if missing:
+                    raise DataError(f"{file}: missing column(s) {missing} to join examples with products on")
+            repeated = pr.duplicated(keys)
+            if repeated.any():
+                first = pr.loc[repeated].iloc[0]
+                raise DataError(f"{products[0]}: product {first['product_id']!r} ({first['product_locale']}) is "
+                                f"listed {int((pr[keys] == first[keys]).all(axis=1).sum())} times; a product must "
+                                "have one row")
+            df = ex.merge(pr, on=keys, how="left", suffixes=("", "_product"))
+            return df.fillna(""), examples[0]
         joined = sorted(path.glob("*.csv")) + sorted(path.glob("*.parquet"))
         if not joined:
             raise DataError(f"{path}: no ESCI examples/products parquet files and no joined CSV/Parquet file")
         path = joined[0]
-    return _read_table(path), path
+    return _read_table(path, used), path
 
 
 def _table_spec(config: PrepareConfig) -> SourceSpec:
@@ -227,10 +294,32 @@ def _level(raw: str, spec: SourceSpec, config: PrepareConfig) -> int | None:
     return int(value) if value in LEVELS else None
 
 
+def _text_problem(raw: dict[str, str], texts: dict[str, str], config: PrepareConfig) -> tuple[str, str] | None:
+    """(reason, field) for the first raw or cleaned text of a row that cannot be used, else None."""
+    # Raw and cleaned: cleaning drops a tag with the undecodable bytes in it, and unescaping makes U+FFFD of
+    # "&#0;". Control characters on the raw text only: cleaning turns some of them into spaces.
+    for name, text in (*raw.items(), *texts.items()):
+        if _SURROGATE.search(text) or "\ufffd" in text:
+            return "undecodable text", name
+    for name, text in raw.items():
+        found = control_character(text)
+        if found:
+            return f"control character {found} in {name}", name
+    limits = {"query": config.max_query_chars, "title": config.max_text_chars,
+              "description": config.max_text_chars, "query_id": MAX_ID_CHARS, "item_id": MAX_ID_CHARS}
+    for name, text in texts.items():
+        limit = limits.get(name, config.max_text_chars)  # attributes: text like a description
+        if len(text) > limit:
+            return f"oversized {name} ({len(text)} > {limit} chars)", name
+    return None
+
+
 def validate_batch(batch: pd.DataFrame, spec: SourceSpec, config: PrepareConfig) -> pd.DataFrame:
     """Canonical rows for one batch of raw rows, with `reason`/`field` set on the bad ones (None when good)."""
     out: dict[str, list[Any]] = {c: [] for c in (*COLUMNS, "reason", "field", "record")}
     records = batch.to_dict("records")
+    canonical = {"query": spec.query, "title": spec.title, "description": spec.description,
+                 "label": spec.label, "query_id": spec.query_id, "item_id": spec.item_id}
     for rec in records:
         reason = bad_field = None
         query = _SPACE.sub(" ", rec[spec.query]).strip()
@@ -239,7 +328,10 @@ def validate_batch(batch: pd.DataFrame, spec: SourceSpec, config: PrepareConfig)
         attributes = {a: clean_text(rec[a]) for a in spec.attributes if rec.get(a)}
         raw_label = rec[spec.label]
         level = _level(raw_label, spec, config)
-        texts = {"query": query, "title": title, "description": description, **attributes}
+        query_id = rec[spec.query_id].strip() if spec.query_id else ""
+        item_id = rec[spec.item_id].strip() if spec.item_id else ""
+        texts = {"query": query, "title": title, "description": description, **attributes,
+                 "query_id": query_id, "item_id": item_id}
         if not query:
             reason, bad_field = "missing query", spec.query
         elif not title:
@@ -247,27 +339,16 @@ def validate_batch(batch: pd.DataFrame, spec: SourceSpec, config: PrepareConfig)
         elif not raw_label.strip():
             reason, bad_field = "missing label", spec.label
         elif level is None:
-            reason, bad_field = f"label {raw_label!r} is not a valid level", spec.label
+            reason, bad_field = f"label {quoted(raw_label)} is not a valid level", spec.label
         else:
-            for name, text in texts.items():
-                if _SURROGATE.search(text) or "\ufffd" in text:
-                    reason, bad_field = "undecodable text", name
-                    break
-            else:
-                if len(query) > config.max_query_chars:
-                    reason, bad_field = f"oversized query ({len(query)} > {config.max_query_chars} chars)", "query"
-                else:
-                    for name in ("title", "description"):
-                        if len(texts[name]) > config.max_text_chars:
-                            reason = f"oversized {name} ({len(texts[name])} > {config.max_text_chars} chars)"
-                            bad_field = name
-                            break
-        if reason == "undecodable text":
+            raw = {name: rec[column] for name, column in canonical.items() if column}
+            raw.update({a: rec[a] for a in spec.attributes if rec.get(a)})
+            reason, bad_field = _text_problem(raw, texts, config) or (None, None)
+        if reason is not None:
             # Arrow strings cannot hold lone surrogates; the raw bytes survive escaped in `record`.
-            query, title, description = (_SURROGATE.sub("\ufffd", t) for t in (query, title, description))
+            query, title, description, query_id, item_id = (
+                _SURROGATE.sub("\ufffd", t) for t in (query, title, description, query_id, item_id))
             attributes = {k: _SURROGATE.sub("\ufffd", v) for k, v in attributes.items()}
-        query_id = rec[spec.query_id].strip() if spec.query_id else ""
-        item_id = rec[spec.item_id].strip() if spec.item_id else ""
         out["query_id"].append(query_id or stable_id(query.lower()))
         out["query"].append(query)
         out["item_id"].append(item_id or stable_id(title + "\x1f" + description))
@@ -287,22 +368,8 @@ def validate_batch(batch: pd.DataFrame, spec: SourceSpec, config: PrepareConfig)
 
 
 def _validate(raw: pd.DataFrame, spec: SourceSpec, config: PrepareConfig) -> pd.DataFrame:
-    if config.engine == "pandas":
-        return validate_batch(raw, spec, config)
-    if config.engine != "ray":
-        raise DataError(f"prepare.engine must be 'ray' or 'pandas', not {config.engine!r}")
-    from pipelines.raycluster import ensure_ray
-
-    ensure_ray()
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ds = ray.data.from_pandas(raw).map_batches(
-        validate_batch, fn_kwargs={"spec": spec, "config": config}, batch_format="pandas",
-        batch_size=config.batch_size,
-    )
-    return ds.to_pandas()
+    return map_batches(raw, validate_batch, engine=config.engine, batch_size=config.batch_size, spec=spec,
+                       config=config)
 
 
 def order_of(sources: pd.Series) -> np.ndarray:
@@ -370,16 +437,7 @@ def prepare_relevance(dataset: str, path: Path, out_dir: Path, config: PrepareCo
     _mark_conflicts(rows)
     bad = rows["reason"].notna()
     n_read, n_bad = len(raw), int(bad.sum())
-    if n_read == 0:
-        raise DataError(f"{path}: no rows to read")
-    if n_bad / n_read > config.max_bad_fraction:
-        top = rows.loc[bad, "reason"].value_counts().head(3).to_dict()
-        raise DataError(
-            f"{path}: {n_bad} of {n_read} rows ({n_bad / n_read:.1%}) are bad, over prepare.max_bad_fraction="
-            f"{config.max_bad_fraction}; most common reasons: {top}. First bad row: "
-            f"{rows.loc[bad, 'source'].iloc[0]} field {rows.loc[bad, 'field'].iloc[0]!r}. Fix the file or its "
-            "column mapping, or raise the threshold."
-        )
+    check_bad_fraction(path, n_read, rows.loc[bad], config.max_bad_fraction)
     quarantine = rows.loc[bad, ["source", "field", "reason", "record"]].copy()
     missing = quarantine["record"].isna()
     if missing.any():  # rows quarantined by whole-table checks: keep their raw record too
@@ -397,9 +455,7 @@ def prepare_relevance(dataset: str, path: Path, out_dir: Path, config: PrepareCo
         "rows_kept": int((~bad).sum()),
         "rows_quarantined": n_bad,
         "rows_dropped_by_subsample": int((~bad).sum() - len(kept)),
-        # a table, not a mapping: reasons quote the input (a label '7'), so they must never become metric names
-        "quarantine_reasons": [{"reason": str(k), "rows": int(v)}
-                               for k, v in quarantine["reason"].value_counts().items()],
+        "quarantine_reasons": reason_table(quarantine["reason"]),
         "queries": {},
         "labels": {},
     }
