@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--labels", choices=["lexical", "real"], default="lexical")
     parser.add_argument("--style", default="no_cot", help="response_style: no_cot, post_cot or pre_cot")
     parser.add_argument("--set", default="{}", help="more SFTConfig fields, as JSON")
+    parser.add_argument("--match-hint", action="store_true",
+                        help="match_hint: the prompt names the query words found in / missing from the title")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
     apply_defaults()
@@ -64,10 +66,10 @@ def main() -> None:
 
     from pipelines.config import build_config
     from pipelines.data.relevance import PrepareConfig, prepare_relevance, read_split
-    from pipelines.relevance.prompts import build_prompt
+    from pipelines.relevance.prompts import build_prompt, prompt_options
     from pipelines.relevance.rationales import generate_rationales
     from pipelines.relevance.scoring import first_token_probs
-    from pipelines.relevance.sft import SFTConfig, SFTWorker, prepare_inputs
+    from pipelines.relevance.sft import SFTConfig, SFTWorker, prepare_inputs, prompt_settings
     from pipelines.training.precision import resolve_dtype
 
     torch.manual_seed(0)
@@ -83,14 +85,14 @@ def main() -> None:
         "dtype": resolve_dtype(args.dtype), "per_device_train_batch_size": args.batch, "learning_rate": args.lr,
         "max_steps": args.steps, "warmup_ratio": 0.05, "max_description_chars": 150, "max_length": 448,
         "label_loss_weight": 5.0, "level_loss_weight": 1.0, "max_val_examples": 1, "eval_steps": 0,
-        "save_steps": 0} | json.loads(args.set))
+        "save_steps": 0, "match_hint": args.match_hint} | json.loads(args.set))
     print(f"{args.labels} labels, {args.style}: {(train.label == 4).mean():.0%} of training pairs are level 4; lr "
           f"{args.lr}, top {args.top_layers} layers, batch {args.batch}, {cfg.dtype}")
     with tempfile.TemporaryDirectory() as tmp:
         loop_cfg = prepare_inputs(train, held_out.head(1), cfg, Path(tmp) / "work", Path(tmp) / "out")
         worker = SFTWorker(loop_cfg | {"runtime": "local", "resume_key": "learnability"})
         worker.prepare()
-        prompts = [build_prompt(worker.tokenizer, q, t, d, cfg.max_description_chars)
+        prompts = [build_prompt(worker.tokenizer, q, t, d, **prompt_options(prompt_settings(cfg)))
                    for q, t, d in zip(held_out["query"], held_out["title"], held_out["description"], strict=True)]
         start = time.perf_counter()
 

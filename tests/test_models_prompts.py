@@ -22,7 +22,9 @@ from pipelines.relevance.prompts import (
     STYLES,
     build_prompt,
     format_response,
+    match_hint_text,
     parse_label,
+    prompt_options,
 )
 
 CORPUS = [
@@ -187,6 +189,30 @@ def test_build_prompt_fields_and_truncation(tiny):
     assert "Product description: " + "x" * 50 + "...\n" in prompt
     assert "4 = Excellent" in prompt and "1 = Irrelevant" in prompt
     assert "Product description: \n" in build_prompt(tok, "q", "t", None)
+
+
+def test_the_match_hint_names_found_and_missing_query_words(tiny):
+    _, tok = tiny
+    assert match_hint_text("Red Nike shoes", "Nike Air running shoe") == "Query words in the title: 2 of 3 (missing: red)"
+    assert match_hint_text("nike nike", "NIKE") == "Query words in the title: 1 of 1"
+    assert match_hint_text("", "anything") == "Query words in the title: 0 of 0"
+    hinted = build_prompt(tok, "red shoes", "Nike\nshoe", "d", 50, True, True)
+    assert "Product description: d\nQuery words in the title: 1 of 2 (missing: red)" in hinted
+    assert "Query words" not in build_prompt(tok, "red shoes", "Nike shoe", "d", 50)
+
+
+def test_a_model_card_rebuilds_the_prompt_its_model_was_trained_on(tiny):
+    """Every reader of a model (evaluate, sample, GRPO, serving) builds prompts from its card: the card the
+    SFT stage writes gives the training prompt, and a card from before a setting existed its old default."""
+    from pipelines.relevance.sft import SFTConfig, prompt_settings
+
+    _, tok = tiny
+    config = SFTConfig(max_description_chars=40, include_instruction=False, match_hint=True)
+    trained = build_prompt(tok, "red shoes", "Nike shoe", "d" * 60, config.max_description_chars,
+                           config.include_instruction, config.match_hint)
+    assert build_prompt(tok, "red shoes", "Nike shoe", "d" * 60, **prompt_options(prompt_settings(config))) == trained
+    assert prompt_options({"response_style": "post_cot"}) == {"max_description_chars": 300, "include_instruction": True,
+                                                              "match_hint": False}
 
 
 @pytest.mark.parametrize("style", STYLES)

@@ -20,7 +20,6 @@ import importlib.util
 import json
 import math
 import os
-import re
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -39,6 +38,8 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 from torch import nn
 from tqdm.auto import tqdm
+
+from pipelines.relevance.prompts import words
 
 LEVELS_ASC = (1, 2, 3, 4)  # column order of every probability array
 BASELINES = ("majority", "lexical", "cross_encoder")
@@ -88,16 +89,6 @@ class MajorityBaseline:
 
 
 # -------------------------------------------------------------------------------------------------- lexical
-
-
-_TOKEN = re.compile(r"[a-z0-9]+")
-
-
-def tokenize(text: str) -> list[str]:
-    """Lower-cased alphanumeric tokens; a trailing "s" is cut from alphabetic tokens over 3 characters
-    (a crude plural folding, so "shoes" matches "shoe")."""
-    tokens = _TOKEN.findall(text.lower())
-    return [t[:-1] if len(t) > 3 and t.endswith("s") and t.isalpha() else t for t in tokens]
 
 
 def _is_numeric(token: str) -> bool:
@@ -168,7 +159,7 @@ class LexicalBaseline:
     # -- features
 
     def _fit_idf(self, titles: pd.Series) -> None:
-        docs = [tokenize(t) for t in pd.unique(titles)]
+        docs = [words(t) for t in pd.unique(titles)]
         n = len(docs)
         df_counts = Counter(tok for doc in docs for tok in set(doc))
         self.idf_ = {tok: math.log(1.0 + (n - c + 0.5) / (c + 0.5)) for tok, c in df_counts.items()}
@@ -193,7 +184,7 @@ class LexicalBaseline:
             raise RuntimeError("call fit() first")
         rows = []
         for query, title, description in zip(df["query"], df["title"], df["description"], strict=True):
-            q, t, d = tokenize(query), tokenize(title), tokenize(description)
+            q, t, d = words(query), words(title), words(description)
             qs, ts, ds = set(q), set(t), set(d)
             numbers = {tok for tok in qs if _is_numeric(tok)}
             bm25, bm25_norm = self._bm25(q, t)

@@ -578,11 +578,10 @@ def train_loop(cfg: dict[str, Any]) -> None:
 
 def build_prompt_pool(train_rows: pd.DataFrame, tokenizer, card: dict[str, Any], config: GRPOConfig):
     """(prompt table, pool row indices, pool statistics) from judgments with gold labels."""
-    from pipelines.relevance.prompts import build_prompt
+    from pipelines.relevance.prompts import build_prompt, prompt_options
     from pipelines.relevance.scoring import tokenize_prompts
 
-    prompts = [build_prompt(tokenizer, q, t, d, card.get("max_description_chars", 300),
-                            card.get("include_instruction", True))
+    prompts = [build_prompt(tokenizer, q, t, d, **prompt_options(card))
                for q, t, d in zip(train_rows["query"], train_rows["title"], train_rows["description"], strict=True)]
     labels = train_rows["label"].astype(int).to_numpy()
     table = pa.table({"prompt": prompts, "prompt_ids": tokenize_prompts(tokenizer, prompts, config.max_prompt_length),

@@ -292,7 +292,7 @@ def score_model(model_dir: Path, splits: dict[str, pd.DataFrame], style: str | N
     response style from there too.
     """
     from pipelines.relevance.models import inference_device, label_token_ids, load_model
-    from pipelines.relevance.prompts import build_prompt
+    from pipelines.relevance.prompts import build_prompt, prompt_options
     from pipelines.relevance.scoring import first_token_probs, generate_responses, probs_from_generations
     from pipelines.relevance.sft import MODEL_CARD
     from pipelines.training.precision import resolve_dtype
@@ -304,8 +304,7 @@ def score_model(model_dir: Path, splits: dict[str, pd.DataFrame], style: str | N
     model.to(inference_device(cfg.device))
 
     def prompt(q: str, t: str, d: str) -> str:
-        return build_prompt(tokenizer, q, t, d, card.get("max_description_chars", 300),
-                            card.get("include_instruction", True))
+        return build_prompt(tokenizer, q, t, d, **prompt_options(card))
 
     label_ids = label_token_ids(tokenizer, prompt("q", "t", "d"))
     out: dict[str, Any] = {"malformed": 0}

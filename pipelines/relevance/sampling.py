@@ -390,7 +390,7 @@ def decoded_hallucination(model_dir: str | Path, rows: pd.DataFrame, config, sty
     the model would give; its label is read in `style` (default: the card's).
     """
     from pipelines.relevance.models import inference_device, load_model
-    from pipelines.relevance.prompts import build_prompt
+    from pipelines.relevance.prompts import build_prompt, prompt_options
 
     card = read_model_card(model_dir)
     style = style or card.get("response_style", DEFAULT_STYLE)
@@ -400,8 +400,7 @@ def decoded_hallucination(model_dir: str | Path, rows: pd.DataFrame, config, sty
     model, tokenizer = load_model(model_dir, resolve_dtype(config.dtype, inference_device(config.device)))
     model.to(inference_device(config.device))
     descriptions = rows["description"].fillna("") if "description" in rows else [""] * len(rows)
-    prompts = [build_prompt(tokenizer, str(q), str(t), str(d), card.get("max_description_chars", 300),
-                            card.get("include_instruction", True))
+    prompts = [build_prompt(tokenizer, str(q), str(t), str(d), **prompt_options(card))
                for q, t, d in zip(rows["query"], rows["title"], descriptions, strict=True)]
     greedy = HFSampler(model, tokenizer, SampleConfig(num_samples=1, top_k=1, max_new_tokens=config.max_new_tokens,
                                                       batch_size=config.batch_size,
@@ -503,7 +502,7 @@ def build_dpo_pairs(samples: pd.DataFrame, train_rows: pd.DataFrame, style: str 
 
 def prompt_table(rows: pd.DataFrame, tokenizer, card: dict[str, Any], config: SampleConfig) -> pd.DataFrame:
     """One row per sampled training prompt (a seeded subsample when `max_prompts` is set), longest first."""
-    from pipelines.relevance.prompts import build_prompt
+    from pipelines.relevance.prompts import build_prompt, prompt_options
     from pipelines.relevance.scoring import tokenize_prompts
 
     positions = np.arange(len(rows))
@@ -511,8 +510,7 @@ def prompt_table(rows: pd.DataFrame, tokenizer, card: dict[str, Any], config: Sa
         positions = np.sort(np.random.default_rng(config.seed).choice(len(rows), config.max_prompts, replace=False))
     chosen = rows.iloc[positions]
     descriptions = chosen["description"].fillna("") if "description" in chosen else [""] * len(chosen)
-    prompts = [build_prompt(tokenizer, str(q), str(t), str(d), card.get("max_description_chars", 300),
-                            card.get("include_instruction", True))
+    prompts = [build_prompt(tokenizer, str(q), str(t), str(d), **prompt_options(card))
                for q, t, d in zip(chosen["query"], chosen["title"], descriptions, strict=True)]
     table = pd.DataFrame({
         "prompt_index": positions.astype(np.int64),

@@ -127,10 +127,9 @@ class PairScorer:
         self._scoring = threading.Lock()
 
     def prompt(self, query: str, title: str, description: str) -> str:
-        from pipelines.relevance.prompts import build_prompt
+        from pipelines.relevance.prompts import build_prompt, prompt_options
 
-        return build_prompt(self.tokenizer, query, title, description, self.card.get("max_description_chars", 300),
-                            self.card.get("include_instruction", True))
+        return build_prompt(self.tokenizer, query, title, description, **prompt_options(self.card))
 
     def _cut(self, frame: pd.DataFrame) -> tuple[list[str], list[str], list[str], list[str]]:
         queries, titles, descriptions, notes = [], [], [], []

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 def prompt_settings(config) -> dict[str, Any]:
     return {"response_style": config.response_style, "max_description_chars": config.max_description_chars,
-            "include_instruction": config.include_instruction}
+            "include_instruction": config.include_instruction, "match_hint": config.match_hint}
 
 
 @dataclass
@@ -60,6 +60,9 @@ class SFTConfig(TrainingConfig):
     include_instruction: bool = field(
         default=True, metadata={"help": "Put the level definitions in the prompt (off for models from scratch)."}
     )
+    match_hint: bool = field(
+        default=False, metadata={"help": "End the prompt's fields with a line naming how many query words the "
+                                 "title holds and which it lacks (prompts.match_hint_text: why)."})
     max_train_examples: int = field(default=0, metadata={"help": "Seeded subsample of training pairs; 0 = all."})
     max_val_examples: int = field(default=256, metadata={"help": "Validation pairs scored during training."})
     eval_steps: int = field(
@@ -95,7 +98,8 @@ def build_examples(rows: pd.DataFrame, tokenizer, config: SFTConfig) -> pd.DataF
     """Prompt and response text per pair; `rows` needs the judgment columns and a `rationale` column."""
     from pipelines.relevance.prompts import build_prompt, format_response
 
-    prompts = [build_prompt(tokenizer, q, t, d, config.max_description_chars, config.include_instruction)
+    prompts = [build_prompt(tokenizer, q, t, d, config.max_description_chars, config.include_instruction,
+                            config.match_hint)
                for q, t, d in zip(rows["query"], rows["title"], rows["description"], strict=True)]
     rationales = rows["rationale"] if "rationale" in rows else [""] * len(rows)
     responses = [format_response(int(level), r, config.response_style)
