@@ -29,7 +29,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export DS_ACCELERATOR ?= $(if $(wildcard /dev/nvidia[0-9]*),cuda,cpu)
 export SEARCHREL_ROOT := $(ROOT)
 
-.PHONY: venv demo test test-fast lint bench ui clean airflow teacher-server gpu-check
+.PHONY: venv demo test test-fast test-extended lint bench ui clean airflow teacher-server gpu-check
 
 venv: $(STAMP)
 
@@ -79,7 +79,10 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow and not extended"
+
+test-extended: $(STAMP)
+	SEARCHREL_FAULT_POINTS=10 $(PY) -m pytest -m extended
 
 bench: $(STAMP)
 	$(PY) bench/prepare.py

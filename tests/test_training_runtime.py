@@ -74,7 +74,9 @@ def test_a_cluster_too_small_is_refused_naming_both_sides():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [2, 3])
+# ZeRO-2 on two workers of two nodes is also the reference run of the lost-worker test, whose final loss it
+# must match: only ZeRO-3 (partitioned loading, gathered save) needs its own run in CI.
+@pytest.mark.parametrize("zero_stage", [pytest.param(2, marks=pytest.mark.extended), 3])
 def test_sft_trains_on_two_workers_of_two_nodes(judgments, tmp_path, on_two_nodes, zero_stage):
     summary, out = _sft(judgments, tmp_path, zero_stage=zero_stage, num_train_epochs=1)
     assert summary["world_size"] == 2
