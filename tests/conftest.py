@@ -209,3 +209,57 @@ def on_two_nodes(two_node_cluster):
     ray.init(address=two_node_cluster)
     yield two_node_cluster
     ray.shutdown()
+
+
+# ------------------------------------------------------------------ the fault suite's summary (issue 19)
+# Here and not in tests/fault/conftest.py: pytest imports every conftest.py outside a package as the module
+# `conftest`, so a second one would replace this module for the test files that `from conftest import ...`.
+
+FAULT_COLUMNS = {"faults_injected": "faults injected", "recovered": "recovered", "fuzz_inputs": "fuzz inputs",
+                 "crashes": "crashes", "promotions_refused": "promotions refused"}
+_FAULT_RECORD = pytest.StashKey["FaultRecord"]()
+
+
+class FaultRecord:
+    """What the fault suite's tests counted, by source (a test adds its counts); printed at the end of the run."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, int]] = {}
+
+    def add(self, source: str, **counts: int) -> None:
+        unknown = set(counts) - set(FAULT_COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown fault-summary column(s) {sorted(unknown)}; columns: {list(FAULT_COLUMNS)}")
+        row = self.rows.setdefault(source, {})
+        for key, value in counts.items():
+            row[key] = row.get(key, 0) + int(value)
+
+    def table(self) -> list[str]:
+        rows = [(source, counts) for source, counts in self.rows.items()]
+        total = {key: sum(c[key] for _, c in rows if key in c) for key in FAULT_COLUMNS
+                 if any(key in c for _, c in rows)}
+        rows.append(("total", total))
+        header = ["", *FAULT_COLUMNS.values()]
+        cells = [[source, *(str(counts[k]) if k in counts else "-" for k in FAULT_COLUMNS)] for source, counts in rows]
+        widths = [max(len(r[i]) for r in [header, *cells]) for i in range(len(header))]
+
+        def line(r: list[str]) -> str:
+            return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+
+        return [line(header), *(line(r) for r in cells[:-1]), "-" * len(line(header)), line(cells[-1])]
+
+
+@pytest.fixture(scope="session")
+def fault_record(pytestconfig) -> FaultRecord:
+    """The fault suite's counts (faults injected, recovered, fuzz inputs, crashes, promotions refused)."""
+    return pytestconfig.stash.setdefault(_FAULT_RECORD, FaultRecord())
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    record = config.stash.get(_FAULT_RECORD, None)
+    if record is None or not record.rows:
+        return
+    terminalreporter.section("fault suite (issue 19)")
+    for line in record.table():
+        terminalreporter.write_line(line)

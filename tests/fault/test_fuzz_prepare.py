@@ -3,8 +3,8 @@ every kind, mixed with good rows, through the real stage (`run_prepare`: loaders
 logging) under both engines, and broken files that must fail with a clear `DataError`.
 
 Asserted: no crash (an exception other than `DataError`), every bad row quarantined with a reason, every good row
-kept, byte-identical outputs from the pandas and the Ray Data engine. `fuzz_prepare` returns the counts for the
-fault suite's summary; the test prints them.
+kept, byte-identical outputs from the pandas and the Ray Data engine. `fuzz_prepare` returns the counts; the test
+prints them and adds them to the fault suite's summary (the `fault_record` fixture of tests/conftest.py).
 
 Every row here is generated: no row of the licensed data sets is used.
 """
@@ -478,9 +478,10 @@ def _prepare_directly(case: BrokenFile, out: Path, engine: str) -> None:
         prepare_clicks(case.dataset, case.path, out, max_bad_fraction=config.max_bad_fraction, engine=engine)
 
 
-def test_fuzz_prepare_quarantines_every_bad_row_under_both_engines(tmp_path, root, ray_local, capsys):
+def test_fuzz_prepare_quarantines_every_bad_row_under_both_engines(tmp_path, root, ray_local, capsys, fault_record):
     started = time.monotonic()
     counts = fuzz_prepare(tmp_path / "sources", root)
+    fault_record.add("fuzz prepare", fuzz_inputs=counts.fuzz_inputs, crashes=counts.crashes)
     line = (f"fuzz prepare: {counts.fuzz_inputs} fuzz inputs ({counts.malformed_rows} malformed rows, "
             f"{counts.broken_files} broken files) among {counts.good_rows} good rows; {counts.quarantined} "
             f"quarantined, {counts.refused_files} broken-file runs refused, {counts.crashes} crashes, "
