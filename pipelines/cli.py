@@ -226,7 +226,7 @@ def serve(
     uri = tracking_uri(root or default_root())
     env = os.environ.copy()
     env.setdefault("MLFLOW_TRACKING_URI", uri)
-    env.setdefault("MLFLOW_REGISTRY_URI", env["MLFLOW_TRACKING_URI"])
+    env["MLFLOW_REGISTRY_URI"] = os.environ.get("SEARCHREL_REGISTRY_URI") or env["MLFLOW_TRACKING_URI"]  # see use_store
     # The server and anything it starts use this environment's tools, even when the venv is not activated.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     for variable, value in ((MAX_ROWS_ENV, max_rows), (MAX_BODY_BYTES_ENV, max_body_bytes)):

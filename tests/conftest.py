@@ -27,6 +27,28 @@ import pytest  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
+# What one test (or a stage or Airflow task it runs in this process) may leave pointing at its own store.
+_STORE_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "SEARCHREL_ROOT")
+
+
+@pytest.fixture(autouse=True)
+def _own_mlflow_store():
+    """MLflow keeps the tracking and registry URIs in module globals and writes them into os.environ, and
+    `searchrel score --root` sets SEARCHREL_ROOT: restored after every test, so what a test body set does not
+    point a later test at its store (see tracking.runs.use_store for the registry case the suite found)."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri,
+             {key: os.environ.get(key) for key in _STORE_ENV})
+    yield
+    tracking_utils._tracking_uri, registry_utils._registry_uri = saved[0], saved[1]
+    for key, value in saved[2].items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:

@@ -58,7 +58,11 @@ def use_store(root: Path) -> str:
     """Point MLflow's tracking and registry at the store for `root`; returns the tracking URI."""
     uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    # Not MLFLOW_REGISTRY_URI: MLflow's set_registry_uri writes it into this process's environment (and so into
+    # every job started from it), after which it names the *first* store ever used, and a later
+    # use_store(other_root) registered into that one (found by the full test suite). A registry apart from the
+    # tracking store is the deployment's choice: SEARCHREL_REGISTRY_URI, which MLflow never writes.
+    mlflow.set_registry_uri(os.environ.get("SEARCHREL_REGISTRY_URI") or uri)
     return uri
 
 
