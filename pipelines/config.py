@@ -120,6 +120,12 @@ def build_config(cls: type[T], section: str, values: dict[str, Any] | None = Non
 GATE = "gate"
 
 
+def gate_settings(config: Any) -> dict[str, Any]:
+    """The promotion-gate fields of a stage config (those marked GATE), by name: what a decision was taken
+    against, recorded with it."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.metadata.get(GATE)}
+
+
 def _refuse_gate_overrides(cls: type, values: dict[str, Any], stage: str) -> None:
     gated = sorted(f.name for f in dataclasses.fields(cls) if f.metadata.get(GATE) and f.name in values)
     if gated:

@@ -173,6 +173,38 @@ def test_a_promotion_interrupted_between_alias_and_history_is_completed_by_the_n
     assert json.loads(client.get_model_version(name, "4").tags[TAG_DECISION])["promoted"] is True
 
 
+@pytest.mark.parametrize("point", list(CRASH_POINTS))
+def test_a_retried_promote_returns_the_decision_that_moved_the_champion(store, point, monkeypatch):
+    """A promote killed after its champion move (a task retry runs it again): the retry finds its challenger
+    already champion and returns the decision that moved it, as the uninterrupted promote did; a promote with
+    other rows or other gate settings, or of a version promoted by hand, says "already champion"."""
+    digest = "prepare-digest:test:0:0"
+    name = f"retried-{point}"
+    straight_client, rows = _model_with_three_champions(store, f"straight-{point}", monkeypatch)
+    client, _ = _model_with_three_champions(store, name, monkeypatch)
+    for c, n in ((straight_client, f"straight-{point}"), (client, name)):
+        c.create_model_version(n, source=str(store[0] / "unused-source"))
+    monkeypatch.setitem(ACCURACY, "4", 1.0)
+    straight = promote(None, f"straight-{point}", "4", rows, rows, CFG, digest)
+    assert straight.promoted and straight.champion_version == "3" and straight.challenger_metrics
+
+    with monkeypatch.context() as crash:
+        _crash_at(crash, point)
+        with pytest.raises(Crash):
+            promote(None, name, "4", rows, rows, CFG, digest)
+    retried = promote(None, name, "4", rows, rows, CFG, digest)
+    assert retried.as_dict() == straight.as_dict()  # the decision.json of the uninterrupted promote
+    assert json.dumps(retried.as_dict()) == json.dumps(straight.as_dict())
+    assert _state(client, name) == ("4", ["1", "2", "3", "4"], None)
+
+    for other in (promote(None, name, "4", rows, rows, CFG, "other-rows:test:0:0"),
+                  promote(None, name, "4", rows, rows, PromoteConfig(**{**CFG.__dict__, "n_boot": 300}), digest)):
+        assert (other.promoted, other.reason, other.challenger_metrics) == (False, "already champion", {})
+    client.create_model_version(name, source=str(store[0] / "unused-source"))  # 5, made champion by hand
+    client.set_registered_model_alias(name, CHAMPION, "5")
+    assert promote(None, name, "5", rows, rows, CFG, digest).reason == "already champion"
+
+
 _HOLD = """
 import sys
 from pipelines.relevance.promotion import registry_lock

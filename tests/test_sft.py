@@ -108,7 +108,11 @@ def _run_killed_then_resumed(judgments, tmp_path, overrides, kill_at_step):
     return kill_and_rerun(args, tmp_path / "ckpt", "sft", kill_at_step, tmp_path / "out" / "model")
 
 
+# The fault matrix (tests/fault/test_fault_matrix.py, in `make test`) SIGKILLs sft at a checkpoint of a real run
+# and compares the rerun's published model with an uninterrupted run's by digest; this direct check of the
+# resumed loss is its extended variant.
 @pytest.mark.slow
+@pytest.mark.extended
 def test_sigkill_mid_training_resumes_to_the_same_result(judgments, tmp_path, ray_local):
     overrides = {"max_steps": 10, "save_steps": 3}
     resumed, killed_at = _run_killed_then_resumed(judgments, tmp_path, overrides, kill_at_step=3)
@@ -120,7 +124,9 @@ def test_sigkill_mid_training_resumes_to_the_same_result(judgments, tmp_path, ra
     assert resumed["final_train_loss"] == pytest.approx(straight["final_train_loss"], abs=1e-5)
 
 
+# A variant of the mid-epoch resume above (the fault matrix kills at more points): `make test-extended`.
 @pytest.mark.slow
+@pytest.mark.extended
 def test_resume_exactly_at_an_epoch_boundary_trains_the_remaining_epochs(judgments, tmp_path, ray_local):
     train, _ = judgments
     steps_per_epoch = 96 // 8  # max_train_examples / micro_batch_size

@@ -34,11 +34,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import GATE
+from pipelines.config import GATE, gate_settings
 from pipelines.relevance.promotion import (
     CHAMPION,
     Decision,
     _alias_version,
+    already_champion,
     champion_session,
     record_decision,
 )
@@ -160,11 +161,11 @@ def promote_version(root: Path | None, name: str, challenger_version: str, prepa
     if cfg.first_baseline not in ("logistic", "none"):
         raise ValueError(f"promote.first_baseline must be logistic or none, not {cfg.first_baseline!r}")
     challenger_version = str(challenger_version)
+    settings = {**gate_settings(cfg), "budget_us": budget_us}  # the budget: the profile's or the register's
     with champion_session(name, cfg.lock_timeout_s) as (client, _):
         champion_version = _alias_version(client, name, CHAMPION)
         if champion_version == challenger_version:
-            return Decision(False, "already champion", challenger_version, champion_version, {}, None,
-                            eval_digest=eval_digest)
+            return already_champion(client, name, challenger_version, champion_version, eval_digest, settings)
         models = {"challenger": _registry_model_dir(name, challenger_version)}
         if champion_version:
             models["champion"] = _registry_model_dir(name, champion_version)
@@ -186,6 +187,6 @@ def promote_version(root: Path | None, name: str, challenger_version: str, prepa
         else:
             promoted, reason = gate(challenger, champion, baseline, budget_us, cfg)
         decision = Decision(promoted, reason, challenger_version, champion_version, challenger, champion,
-                            baseline, eval_rows=n_rows, eval_digest=eval_digest)
-        record_decision(client, name, challenger_version, champion_version, promoted, reason)
+                            baseline, eval_rows=n_rows, eval_digest=eval_digest, gate_settings=settings)
+        record_decision(client, name, decision)
         return decision

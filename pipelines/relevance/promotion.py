@@ -59,7 +59,7 @@ from urllib.parse import urlsplit
 
 import pandas as pd
 
-from pipelines.config import GATE
+from pipelines.config import GATE, gate_settings
 from pipelines.training.config import Dtype
 
 CHAMPION = "champion"
@@ -131,6 +131,7 @@ class Decision:
     eval_rows: int = 0
     eval_digest: str = ""
     paired: dict[str, Any] | None = None  # metrics.paired_bootstrap: challenger minus champion (or baseline)
+    gate_settings: dict[str, Any] | None = None  # the gate's fields the decision was taken with (config.gate_settings)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -412,17 +413,46 @@ def champion_session(name: str, timeout: float) -> Iterator[tuple[Any, dict[str,
         yield client, complete_pending(client, name)
 
 
-def record_decision(client, name: str, challenger_version: str, champion_version: str | None, promoted: bool,
-                    reason: str) -> dict[str, Any]:
-    """Tag the challenger with the gate's decision and, when it passed, make it champion (with its history
-    entry) in one champion move; both pipelines' promote. Call inside `champion_session`."""
-    record = {"promoted": promoted, "reason": reason, "champion_before": champion_version, "at": _now()}
-    if promoted:
+def record_decision(client, name: str, decision: Decision) -> dict[str, Any]:
+    """Tag the challenger with the gate's whole decision and, when it passed, make it champion (with its history
+    entry) in one champion move; both pipelines' promote. Call inside `champion_session`.
+
+    The tag holds the full decision (metrics, interval, evaluation digest), so a promote killed after the move
+    and retried returns the decision that moved the champion (`recorded_promotion`), not a bare "already
+    champion"."""
+    challenger_version, champion_version = decision.challenger_version, decision.champion_version
+    record = {"promoted": decision.promoted, "reason": decision.reason, "champion_before": champion_version,
+              "at": _now(), "decision": decision.as_dict()}
+    if decision.promoted:
         move_champion(client, name, "promote", challenger_version,
                       [*_history(client, name), str(challenger_version)], challenger_version, record)
     else:
         client.set_model_version_tag(name, str(challenger_version), TAG_DECISION, json.dumps(record))
     return record
+
+
+def already_champion(client, name: str, challenger_version: str, champion_version: str | None,
+                     eval_digest: str, settings: dict[str, Any], eval_rows: int = 0) -> Decision:
+    """The answer of a promote whose challenger is already champion: the decision that promoted it when that was
+    taken on the same evaluation rows with the same gate settings (a retry of a promote killed after its
+    champion move, or a forced rerun of the same stage: the gate is deterministic, so it is what the gate would
+    decide again), else "already champion" (promoted by another run, other rows or settings, or by hand)."""
+    recorded = recorded_promotion(client, name, challenger_version)
+    if (recorded is not None and eval_digest and recorded.eval_digest == eval_digest
+            and json.loads(json.dumps(settings)) == recorded.gate_settings):
+        return recorded
+    return Decision(False, "already champion", str(challenger_version), champion_version, {}, None,
+                    eval_rows=eval_rows, eval_digest=eval_digest, gate_settings=settings)
+
+
+def recorded_promotion(client, name: str, version: str) -> Decision | None:
+    """The gate decision that made `version` champion, from its decision tag; None when it has none (a
+    rollback's tag, a refusal, or a tag written before decisions were recorded whole)."""
+    raw = client.get_model_version(name, str(version)).tags.get(TAG_DECISION)
+    recorded = json.loads(raw).get("decision") if raw else None
+    if not recorded or not recorded.get("promoted"):
+        return None
+    return Decision(**recorded)
 
 
 def promote(root: Path | None, name: str, challenger_version: str, rows: pd.DataFrame, train: pd.DataFrame,
@@ -433,8 +463,8 @@ def promote(root: Path | None, name: str, challenger_version: str, rows: pd.Data
     with champion_session(name, cfg.lock_timeout_s) as (client, _):
         champion_version = _alias_version(client, name, CHAMPION)
         if champion_version == str(challenger_version):
-            return Decision(False, "already champion", str(challenger_version), champion_version, {}, None,
-                            eval_rows=len(rows), eval_digest=eval_digest)
+            return already_champion(client, name, str(challenger_version), champion_version, eval_digest,
+                                    gate_settings(cfg), len(rows))
         from pipelines.relevance.metrics import classification_metrics, paired_bootstrap
 
         probs = {"challenger": score_version(name, challenger_version, rows, cfg.batch_size)}
@@ -452,8 +482,9 @@ def promote(root: Path | None, name: str, challenger_version: str, rows: pd.Data
         challenger, champion, baseline = (metrics.get(side) for side in ("challenger", "champion", "baseline"))
         promoted, reason = gate(challenger, champion, baseline, cfg, paired)
         decision = Decision(promoted, reason, str(challenger_version), champion_version, challenger, champion,
-                            baseline, eval_rows=len(rows), eval_digest=eval_digest, paired=paired)
-        record_decision(client, name, str(challenger_version), champion_version, promoted, reason)
+                            baseline, eval_rows=len(rows), eval_digest=eval_digest, paired=paired,
+                            gate_settings=gate_settings(cfg))
+        record_decision(client, name, decision)
         return decision
 
 
