@@ -173,12 +173,45 @@ def evaluate(
 def report(
     run_key: Annotated[str, typer.Option(help="The pipeline run to report on.")],
     root: RootOpt = None,
+    wide: Annotated[bool, typer.Option(
+        "--wide", help="Print every column of the ablation table (about 250 characters wide: lines run past a "
+                       "narrower terminal; `| less -S` scrolls them). By default the columns that fit 80.")] = False,
 ) -> None:
-    """Write the ablation table (Markdown, and an artifact of the run's MLflow parent run)."""
-    from pipelines.relevance.report import write_report
+    """Write the full report (Markdown, and an artifact of the run's MLflow parent run) and print its summary:
+    each model's macro-F1 and QWK, its macro-F1 difference from the lexical baseline and the verdict."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
 
-    path, rows = write_report((root or default_root()).resolve(), run_key)
-    print_table(f"taosr1 / {run_key}: test metrics", rows)
+    from pipelines.relevance.report import summary_rows, write_report
+
+    resolved = (root or default_root()).resolve()
+    try:
+        path, rows = write_report(resolved, run_key)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    if wide:
+        columns, notes = list(rows[0]), []
+    else:
+        rows, notes = summary_rows(resolved, run_key)
+        columns = list(rows[0])
+    table = Table(title=escape(f"taosr1 / {run_key}: test metrics"))
+    for key in columns:
+        numeric = (wide and isinstance(rows[0][key], int | float)) or key in ("macro-F1", "QWK")
+        # Never an ellipsis: a cell too wide for its column wraps (fold) rather than losing characters. Text
+        # is escaped: rich would take `[lo,hi]` in a header for markup and drop it.
+        table.add_column(escape(key), justify="right" if numeric else "left", overflow="fold")
+    for row in rows:
+        table.add_row(*(escape(str(row.get(k, ""))) for k in columns))
+    console = Console()
+    if wide:  # the table at its natural width, not squeezed into the terminal's
+        natural = Console(width=10_000).measure(table).maximum
+        console = Console(width=max(console.width, natural))
+    console.print(table)
+    for note in notes:
+        console.print(escape(note), highlight=False)
+    if not wide:
+        console.print("All columns: --wide.", highlight=False)
     typer.echo(f"report written to {path}")
 
 
@@ -248,18 +281,22 @@ def serve(
 def rollback(
     name: Annotated[str, typer.Argument(help="Registered model name.")] = "searchrel-taosr1",
     root: RootOpt = None,
+    lock_timeout: Annotated[float, typer.Option(
+        help="Seconds to wait for a promotion or rollback of the same model to finish.")] = 600.0,
 ) -> None:
     """Move the `champion` alias back to the version that held it before."""
+    from pipelines.relevance.promotion import RegistryLockTimeout
     from pipelines.relevance.promotion import rollback as do_rollback
     from pipelines.tracking.runs import use_store
 
     root = root or default_root()
     use_store(root)
     try:
-        record = do_rollback(root, name)
-    except ValueError as err:
+        record = do_rollback(root, name, timeout=lock_timeout)
+    except (ValueError, RegistryLockTimeout) as err:  # nothing to roll back; another promotion holds the lock
         _fail(str(err))
-    typer.echo(f"{name}: champion moved back from version {record['rolled_back_from']} to {record['to']}")
+    done = "completed the interrupted rollback" if record.get("completed_interrupted") else "champion moved back"
+    typer.echo(f"{name}: {done} from version {record['rolled_back_from']} to {record['to']}")
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""Click loaders, splits and feature spec (pipelines.data.clicks), on the real data in ../shared/data.
+"""Click loaders, splits and feature spec (pipelines.data.clicks), on the real data in $SEARCHREL_SHARED_DATA
+(default ../shared/data); the tests that read it skip without it.
 
 Fixtures written to tmp_path are synthetic rows in the source formats; no row of the licensed data is copied.
 """
@@ -10,7 +11,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, require_shared_data
 
 from pipelines.data.clicks import (
     AVAZU_CATEGORICAL,
@@ -36,6 +37,7 @@ AVAZU = SHARED_DATA / "avazu_head_9k"
 
 @pytest.fixture(scope="module")
 def movielens() -> pd.DataFrame:
+    require_shared_data(MOVIELENS.name)
     return load_movielens(MOVIELENS)
 
 
@@ -46,6 +48,7 @@ def movielens_split(movielens) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def criteo() -> pd.DataFrame:
+    require_shared_data(CRITEO.name)
     return load_criteo(CRITEO)
 
 
@@ -108,6 +111,7 @@ def test_criteo_rows_splits_and_ctr(criteo):
 
 
 def test_avazu_rows_splits_and_ctr():
+    require_shared_data(AVAZU.name)
     df = load_avazu(AVAZU)
     assert len(df) == 8_087 + 480
     assert df["split"].value_counts().to_dict() == {"train": 7_279, "test": 808, "val": 480}
@@ -172,6 +176,7 @@ def test_criteo_spec_unseen_val_values_json_round_trip_and_determinism(criteo, t
     [("movielens", MOVIELENS, 100_000), ("criteo", CRITEO, 7_609), ("avazu", AVAZU, 8_567)],
 )
 def test_prepare_clicks_writes_splits_and_spec(dataset, path, rows_read, tmp_path):
+    require_shared_data(path.name)
     summary = prepare_clicks(dataset, path, tmp_path)
     assert summary["rows_read"] == rows_read and summary["quarantined"] == 0
     assert sum(summary["rows"].values()) == rows_read

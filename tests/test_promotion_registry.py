@@ -19,7 +19,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from mlflow.tracking._model_registry import utils as registry_utils
 from mlflow.tracking._tracking_service import utils as tracking_utils
+from typer.testing import CliRunner
 
+from pipelines import cli
 from pipelines.relevance import promotion
 from pipelines.relevance.promotion import (
     CHAMPION,
@@ -245,6 +247,12 @@ def test_the_lock_is_the_registrys_not_the_artifact_roots(store, tmp_path, monke
         with pytest.raises(RegistryLockTimeout, match=f"pid {holder.pid} on "):
             rollback(tmp_path / "another-root", name, timeout=0.5)
         assert time.monotonic() - started >= 0.5
+        # The command says so in one line (exit 2), no traceback.
+        monkeypatch.setenv("SEARCHREL_REGISTRY_URI", uri)
+        result = CliRunner().invoke(cli.app, ["rollback", name, "--root", str(tmp_path / "another-root"),
+                                              "--lock-timeout", "0.5"])
+        assert result.exit_code == 2 and f"pid {holder.pid} on " in result.output, result.output
+        assert "Traceback" not in result.output
         assert _state(client, name) == ("3", ["1", "2", "3"], None)
     finally:
         holder.stdin.close()

@@ -1,4 +1,5 @@
-"""Loaders, validation, quarantine and splits on the real judgment files in ../shared/data."""
+"""Loaders, validation, quarantine and splits on the real judgment files in $SEARCHREL_SHARED_DATA (default
+../shared/data); the tests that read them skip without it."""
 
 import json
 

@@ -141,6 +141,79 @@ def test_report_shows_the_paired_interval_against_lexical_and_a_verdict(tmp_path
     assert "200 resamples of the 30 test queries" in section and "95% interval" in section
 
 
+def _full_run(root) -> None:
+    """Every row of the ablation table (baselines, three SFT variants, DPO, GRPO), each compared with lexical,
+    with tiers and hallucination rates; DPO scored on a subsample of test."""
+    rng = np.random.default_rng(3)
+    test = pd.DataFrame({"query_id": np.repeat([f"q{i}" for i in range(30)], 8), "label": rng.integers(1, 5, 240)})
+    labels = test["label"].to_numpy()
+    onehot = np.eye(4)
+
+    def noisy(keep: float) -> np.ndarray:
+        return np.where(rng.random(240) < keep, labels, rng.integers(1, 5, 240))
+
+    lexical = noisy(0.4)
+    baselines = {"majority": np.full(240, 4), "lexical": lexical, "cross_encoder": noisy(0.45)}
+    _stage(root, "baselines", {name: {"test": evaluate_probs(test, onehot[p - 1]), "tiers": {},
+                                      "vs_lexical": None if name == "lexical" else _vs_lexical(test, p, lexical)}
+                               for name, p in baselines.items()})
+    tiers = {"cumpt": {"test_macro_f1": 0.61234}, "thresholds": {"test_macro_f1": 0.59876}}
+    h = hallucination_rate(_responses([(3, 3), (2, 4), (4, 3)]))
+    for stage, keep in (("evaluate_no_cot", 0.3), ("evaluate_pre_cot", 0.6), ("evaluate", 0.9),
+                        ("evaluate_dpo", 0.92), ("evaluate_grpo", 0.95)):
+        rows = slice(0, 120) if stage == "evaluate_dpo" else slice(None)
+        part, pred = test.iloc[rows], noisy(keep)[rows]
+        _stage(root, stage, {"test": evaluate_probs(part, onehot[pred - 1]), "tiers": tiers, "style": "post_cot",
+                             "hallucination": None if stage == "evaluate_no_cot" else h,
+                             "vs_lexical": _vs_lexical(part, pred, lexical[rows])})
+
+
+def _report(root, *args: str, columns: int = 80):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    done = CliRunner().invoke(app, ["report", "--run-key", "r", "--root", str(root), *args],
+                              env={"COLUMNS": str(columns), "NO_COLOR": "1"})
+    assert done.exit_code == 0, done.output
+    return done.stdout
+
+
+def test_report_command_fits_80_columns_and_wide_shows_every_column(root):
+    from pipelines.relevance.report import SUMMARY_COLUMNS, summary_rows
+
+    _full_run(root)
+    out = _report(root)
+    assert "…" not in out and "..." not in out  # no truncated cell
+    table = out.split("report written to")[0].splitlines()
+    assert max(len(line) for line in table) <= 80
+    assert all(header in out for header in SUMMARY_COLUMNS)
+    rows, _ = summary_rows(root, "r")
+    for row in rows:  # every cell whole, on one line
+        line = next(line for line in table if line[1:].lstrip().startswith(row["model"] + " "))
+        assert all(cell in line for cell in row.values()), (row, line)
+    verdicts = {r["model"]: r["verdict"] for r in rows}
+    assert verdicts["lexical"] == "reference" and verdicts["majority"] == "worse"
+    assert verdicts["SFT, post-CoT"] == verdicts["+ GRPO"] == "better"
+    assert "+ DPO *" in verdicts and "seeded subsample" in out and "95% interval" in out
+    assert "halluc. rate" not in out and "All columns: --wide" in out
+
+    wide = _report(root, "--wide")
+    headers = list(ablation_rows(root, "r")[0])
+    assert len(headers) > 10 and "…" not in wide
+    assert all(header in wide for header in headers), [h for h in headers if h not in wide]
+    assert "SFT, post-CoT (label, then reason)" in wide
+    markdown = (root / "taosr1" / "r" / "report.md").read_text()
+    assert all(header in markdown for header in headers) and "## Against the lexical baseline" in markdown
+
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    missing = CliRunner().invoke(app, ["report", "--run-key", "nothing", "--root", str(root)])
+    assert missing.exit_code == 2 and "no evaluated stages" in missing.stderr
+
+
 def test_evaluate_stage_compares_with_the_baselines_lexical_predictions(root, shared_data, monkeypatch):
     """The real baselines and evaluate stages (the model's scoring stubbed: no model is trained here): the
     baselines stage writes lexical's test predictions, evaluate pairs its model with them on the same rows (a

@@ -103,6 +103,41 @@ def lexical_comparison_rows(root: Path, run_key: str) -> list[dict[str, Any]]:
             for label, s, _ in _evaluated(root, run_key) if s.get("vs_lexical")]
 
 
+SUMMARY_COLUMNS = ("model", "macro-F1", "QWK", "dF1 vs lexical [CI]", "verdict")
+
+
+def summary_rows(root: Path, run_key: str) -> tuple[list[dict[str, str]], list[str]]:
+    """The terminal summary of `searchrel report` (fits 80 columns; `--wide` and report.md have every column):
+    one row per evaluated model with SUMMARY_COLUMNS as text, and the notes that explain them. A model scored
+    on fewer test pairs than the others (a seeded subsample, `evaluate.max_examples`) is marked `*`."""
+    evaluated = _evaluated(root, run_key)
+    most = max((s["test"].get("n") or 0 for _, s, _ in evaluated), default=0)
+    compared = [s["vs_lexical"] for _, s, _ in evaluated if s.get("vs_lexical")]
+    rows = []
+    for label, s, baseline in evaluated:
+        test, versus = s["test"], s.get("vs_lexical")
+        short = label.split(" (")[0]
+        if (test.get("n") or 0) < most:
+            short += " *"
+        reference = baseline and label.startswith("lexical") and bool(compared)
+        rows.append({"model": short, "macro-F1": _fixed(test.get("macro_f1")), "QWK": _fixed(test.get("qwk")),
+                     "dF1 vs lexical [CI]": _interval(versus, "macro_f1"),
+                     "verdict": "reference" if reference else _verdict(versus)})
+    notes = []
+    if compared:
+        boot = compared[0]
+        notes.append(f"dF1: macro-F1 minus lexical's on the same test pairs, with the {boot['level']:.0%} interval "
+                     f"of a paired bootstrap over the {boot['n_queries']} test queries. verdict: better (worse) "
+                     "when that interval lies above (below) 0, n.s. when it holds 0; empty: not compared.")
+    if any(r["model"].endswith(" *") for r in rows):
+        notes.append("* fewer test pairs: a seeded subsample of test (evaluate.max_examples).")
+    return rows, notes
+
+
+def _fixed(value: Any) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
 def pass_at_k_rows(root: Path, run_key: str) -> list[dict[str, Any]]:
     """pass@k for k = 1..N on the sampled training prompts (the sample stage's summary); [] before it ran."""
     manifest = read_manifest(run_dir(root, PIPELINE, run_key) / "sample")
