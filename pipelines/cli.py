@@ -248,14 +248,28 @@ def serve(
              "(TaoSR1 256, AutoFAS 10,000). 0 = no limit.")] = None,
     max_body_bytes: Annotated[int | None, typer.Option(
         help="Largest request body in bytes (HTTP 413 above); default $SEARCHREL_SERVE_MAX_BODY_BYTES, else "
-             "8 MiB. 0 = no limit.")] = None,
+             "8 MiB. 0 = no limit. --env-manager local only.")] = None,
+    env_manager: Annotated[str, typer.Option(
+        help="Where the model runs, as MLflow's --env-manager: local (this environment, behind the request "
+             "limits), virtualenv, uv or conda (an environment built from the model's logged requirements, by "
+             "`mlflow models serve`: only the row limit applies there).")] = "local",
     root: RootOpt = None,
 ) -> None:
     """Serve models:/NAME@ALIAS over REST: MLflow's scoring server, with request limits (pipelines.scoring_server)."""
-    from pipelines.scoring_server import MAX_BODY_BYTES_ENV, MAX_ROWS_ENV
+    from pipelines.scoring_server import (
+        ENV_MANAGERS,
+        MAX_BODY_BYTES_ENV,
+        MAX_ROWS_ENV,
+        OTHER_ENV_NOTE,
+        serve_in_env,
+    )
     from pipelines.scoring_server import serve as serve_model
     from pipelines.tracking.runs import redacted, tracking_uri
 
+    if env_manager not in ENV_MANAGERS:
+        _fail(f"--env-manager must be one of {', '.join(ENV_MANAGERS)}, not {env_manager!r}")
+    if env_manager != "local" and max_body_bytes is not None:
+        _fail(f"--max-body-bytes applies to --env-manager local only: {OTHER_ENV_NOTE.format(env_manager=env_manager)}")
     uri = tracking_uri(root or default_root())
     env = os.environ.copy()
     env.setdefault("MLFLOW_TRACKING_URI", uri)
@@ -268,10 +282,15 @@ def serve(
     model_uri = f"models:/{name}@{alias}"
     typer.echo(f"serving {model_uri} from {redacted(env['MLFLOW_TRACKING_URI'])} at http://{host}:{port}/invocations "
                "(Ctrl-C to stop)")
+    if env_manager != "local":
+        typer.echo(OTHER_ENV_NOTE.format(env_manager=env_manager))
     from mlflow.exceptions import MlflowException
 
     try:
-        code = serve_model(model_uri, host=host, port=port, workers=workers, env=env)
+        if env_manager == "local":
+            code = serve_model(model_uri, host=host, port=port, workers=workers, env=env)
+        else:
+            code = serve_in_env(model_uri, env_manager=env_manager, host=host, port=port, workers=workers, env=env)
     except (ValueError, MlflowException) as err:  # a bad limit, an unknown model or alias
         _fail(str(err))
     raise typer.Exit(code)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import REQUEST_LIMIT_EXCEEDED
@@ -176,7 +177,6 @@ def serve(model_uri: str, *, host: str, port: int, workers: int, env: dict[str, 
     """Download `model_uri` (with the tracking settings in `env`) and serve it until the server exits; returns
     its exit code. `mlflow models serve --env-manager local` does the same with MLflow's app; this runs
     :func:`create_app`, MLflow's app behind the limits, in uvicorn (the server `mlflow models serve` runs)."""
-    import signal
     import subprocess
     import sys
     import tempfile
@@ -191,15 +191,148 @@ def serve(model_uri: str, *, host: str, port: int, workers: int, env: dict[str, 
         server_env = {**env, MODEL_PATH_ENV: local, MAX_BODY_BYTES_ENV: str(limits.max_body_bytes)}
         cmd = [sys.executable, "-m", "uvicorn", "--factory", "pipelines.scoring_server:create_app",
                "--host", host, "--port", str(port), "--workers", str(workers)]
-        server = subprocess.Popen(cmd, env=server_env)
-        # SIGTERM to this process stops the server first, so the downloaded model is removed after it exits
-        # (the default action would end this process at once and leave both behind).
-        previous = signal.signal(signal.SIGTERM, lambda signum, _: server.send_signal(signum))
-        try:
-            while True:
-                try:
-                    return server.wait()
-                except KeyboardInterrupt:  # Ctrl-C reached uvicorn too: let it finish shutting down
-                    continue
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+        return _run_server(subprocess.Popen(cmd, env=server_env))
+
+
+def _run_server(server) -> int:
+    """Wait for a server process to exit; returns its exit code. SIGTERM to this process stops the server first
+    (the default action would end this process at once and leave the server, and a downloaded model, behind)."""
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, lambda signum, _: server.send_signal(signum))
+    try:
+        while True:
+            try:
+                return server.wait()
+            except KeyboardInterrupt:  # Ctrl-C reached the server too: let it finish shutting down
+                continue
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# MLflow's environment managers (mlflow.utils.env_manager). `local` is this process's environment, where
+# `serve` runs MLflow's app behind the request limits; the others build the model's own environment from its
+# logged requirements (the model carries its code), in which `mlflow models serve` runs MLflow's app as it is.
+ENV_MANAGERS = ("local", "virtualenv", "uv", "conda")
+OTHER_ENV_NOTE = ("--env-manager {env_manager}: `mlflow models serve` runs the model in an environment built from "
+                  "its requirements, with MLflow's own server: the body-size limit (--max-body-bytes, "
+                  f"${MAX_BODY_BYTES_ENV}) does not apply there; the row limit does (the model's pyfunc checks it, "
+                  f"from ${MAX_ROWS_ENV} or its own default)")
+
+
+def mlflow_serve_command(model_uri: str, *, env_manager: str, host: str, port: int, workers: int) -> list[str]:
+    """The `mlflow models serve` command line `serve_in_env` runs (this environment's mlflow)."""
+    import sys
+
+    if env_manager not in ENV_MANAGERS:
+        raise ValueError(f"--env-manager must be one of {', '.join(ENV_MANAGERS)}, not {env_manager!r}")
+    return [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", env_manager,
+            "-h", host, "-p", str(port), "-w", str(workers)]
+
+
+def serve_in_env(model_uri: str, *, env_manager: str, host: str, port: int, workers: int,
+                 env: dict[str, str]) -> int:
+    """`mlflow models serve --env-manager ENV_MANAGER` of `model_uri` with the environment `env` (the tracking
+    and registry URIs, $SEARCHREL_SERVE_MAX_ROWS), until it exits; returns its exit code."""
+    import subprocess
+
+    RequestLimits.from_env(env)  # a bad $SEARCHREL_SERVE_MAX_ROWS fails here, not when the model loads
+    cmd = mlflow_serve_command(model_uri, env_manager=env_manager, host=host, port=port, workers=workers)
+    return _run_server(subprocess.Popen(cmd, env=env))
+
+
+# ------------------------------------------------------------------------- what a logged model carries
+
+# A registered model loads where searchrel is not installed (`mlflow models serve --env-manager virtualenv`,
+# `mlflow models build-docker`, a plain `mlflow.pyfunc.load_model` elsewhere): it carries the modules of this
+# package that its pyfunc runs (MLflow's `code_paths`, added to sys.path at load) and pins the distributions they
+# import. A process where searchrel is installed and already imported keeps using its own `pipelines`.
+CODE_PACKAGE = "pipelines"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _module_file(name: str) -> Path | None:
+    """The source file of `pipelines.x.y` (a package's __init__.py), or None when it is not one of ours."""
+    parts = name.split(".")
+    if parts[0] != CODE_PACKAGE:
+        return None
+    base = _PACKAGE_DIR.joinpath(*parts[1:])
+    for candidate in (base / "__init__.py", base.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _import_time_imports(path: Path, module: str) -> set[str]:
+    """The module names a file imports when it is imported: every import statement outside function bodies
+    (inside classes, `if` and `try` blocks too), with `from a import b` giving both `a` and `a.b`."""
+    import ast
+
+    names: set[str] = set()
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+                continue
+            if isinstance(child, ast.Import):
+                names.update(alias.name for alias in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:
+                    anchor = package.split(".")[: len(package.split(".")) - child.level + 1]
+                    base = ".".join([*anchor, base] if base else anchor)
+                names.add(base)
+                names.update(f"{base}.{alias.name}" for alias in child.names)
+            visit(child)
+
+    visit(ast.parse(path.read_text(), str(path)))
+    return names
+
+
+def code_closure(roots: list[str]) -> list[str]:
+    """`roots` (modules of this package that a pyfunc imports, at import time or inside the functions it runs)
+    and, transitively, every module of this package they import at import time, with their parent packages.
+
+    The roots are named by hand because imports inside functions are not followed (most of the package is
+    reachable that way and a pyfunc runs few of those functions); what the roots import at import time is found
+    here, so a new top-level import is carried without a change to the roots."""
+    found: set[str] = set()
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        if name in found:
+            continue
+        path = _module_file(name)
+        if path is None:
+            if name in roots:
+                raise ValueError(f"{name} is not a module of the {CODE_PACKAGE} package")
+            continue  # `from pipelines.x import some_function`: the name is not a module
+        found.add(name)
+        parts = name.split(".")
+        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))
+        todo.extend(n for n in _import_time_imports(path, name) if n.split(".")[0] == CODE_PACKAGE)
+    return sorted(found)
+
+
+def stage_code(roots: list[str], dest: Path) -> Path:
+    """Copy the modules of `code_closure(roots)` under `dest`, keeping the package layout; returns
+    `dest/pipelines`, the folder to log as the model's `code_paths` entry (MLflow stores it as code/pipelines)."""
+    import shutil
+
+    for name in code_closure(roots):
+        source = _module_file(name)
+        target = Path(dest) / source.relative_to(_PACKAGE_DIR.parent)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    return Path(dest) / CODE_PACKAGE
+
+
+def pinned_requirements(distributions: list[str]) -> list[str]:
+    """`name==version` of each distribution as installed in this environment, the way MLflow pins: without a
+    local version label (torch's `+cpu`), which no package index but PyTorch's own serves."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    return [f"{name}=={Version(version(name)).public}" for name in distributions]

@@ -1,6 +1,9 @@
 """The AutoFAS pre-ranking model as an MLflow pyfunc: scores a batch of candidates (rows of encoded feature
 columns, as `pipelines.data.clicks.encode` writes them) with a saved student (safetensors + arch.json +
-feature_spec.json). Logged as "models from code" (`pyfunc_model.py`): MLflow stores that file, not a pickle.
+feature_spec.json). Logged as "models from code" (`pyfunc_model.py`): MLflow stores that file, not a pickle,
+with the modules of this package it runs (`PYFUNC_MODULES`, as `code_paths`) and pinned requirements, so the
+model loads where searchrel is not installed (`mlflow models serve --env-manager virtualenv`, `searchrel serve
+--env-manager ...`).
 
 What a request may hold (`checked_features`): an id outside a feature's vocabulary (an item added after
 training, a negative or huge number) is scored as the out-of-vocabulary id 0, as `encode` does with an unseen
@@ -20,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["MAX_ROWS_PER_REQUEST", "InvalidFeatures", "PreRankerModel", "RegisterConfig", "checked_features",
-           "choose_model", "log_preranker", "pip_requirements", "score_frame"]
+           "PYFUNC_MODULES", "REQUIREMENTS", "choose_model", "log_preranker", "pip_requirements", "score_frame"]
 
 # Candidates per request: a pre-ranking call scores a retrieval's few thousand candidates; 10,000 rows of a
 # Criteo-sized feature set are ~4 MB of JSON, under the server's default body limit.
@@ -128,29 +131,42 @@ class PreRankerModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({"score": score_frame(self.model, self.spec, features)})
 
 
-def pip_requirements() -> list[str]:
-    """The serving environment: the versions this process runs with (searchrel itself must be installed
-    there too; it is not on PyPI)."""
-    from importlib.metadata import version
+# The modules of this package the pyfunc imports, at import time or inside load_context/predict;
+# `scoring_server.code_closure` adds what these import at import time (pipelines.data.clicks, ...).
+PYFUNC_MODULES = ["pipelines.preranking.pyfunc_model", "pipelines.preranking.serving", "pipelines.preranking.models",
+                  "pipelines.scoring_server"]
+# What those modules import, pinned to this environment's versions (MLflow's own requirements come with mlflow).
+REQUIREMENTS = ["mlflow", "torch", "safetensors", "pandas", "numpy", "pyarrow"]
 
-    return [f"{name}=={version(name)}" for name in ("mlflow", "torch", "safetensors", "pandas", "numpy", "pyarrow")]
+
+def pip_requirements() -> list[str]:
+    """The serving environment: the distributions the pyfunc's code imports, at the versions this process runs
+    with (searchrel itself is not one: the model carries its code)."""
+    from pipelines.scoring_server import pinned_requirements
+
+    return pinned_requirements(REQUIREMENTS)
 
 
 def log_preranker(model_dir: Path, example: pd.DataFrame, *, registered_model_name: str | None = None,
                   name: str = "preranker"):
     """Log (and optionally register) a saved student folder as a pyfunc; returns MLflow's ModelInfo."""
+    import tempfile
+
     from mlflow.models import infer_signature
 
     from pipelines.preranking.models import load_model
+    from pipelines.scoring_server import stage_code
 
     model, _, spec = load_model(model_dir)
     example = example[spec.output_columns()].reset_index(drop=True)
     output = pd.DataFrame({"score": score_frame(model, spec, example)})
-    return mlflow.pyfunc.log_model(
-        name=name, python_model=str(Path(__file__).with_name("pyfunc_model.py")),
-        artifacts={"model": str(model_dir)}, signature=infer_signature(example, output), input_example=example,
-        pip_requirements=pip_requirements(), registered_model_name=registered_model_name,
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        return mlflow.pyfunc.log_model(
+            name=name, python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+            artifacts={"model": str(model_dir)}, code_paths=[str(stage_code(PYFUNC_MODULES, Path(tmp)))],
+            signature=infer_signature(example, output), input_example=example,
+            pip_requirements=pip_requirements(), registered_model_name=registered_model_name,
+        )
 
 
 @dataclass

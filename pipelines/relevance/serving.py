@@ -9,9 +9,12 @@ One prefill pass per pair reads the label distribution at the first response pos
 candidates is computed once (query-prefix sharing).
 
 The model's artifacts are the safetensors weights, the tokenizer, `searchrel.json` (prompt settings and label
-token ids) and `serving.json` (beta and input limits). Loading needs the `searchrel` package installed in the
-serving environment: `searchrel serve` (`pipelines.scoring_server`: MLflow's scoring server behind a body-size
-limit) from this project's venv.
+token ids) and `serving.json` (beta and input limits). The logged model carries the modules of this package its
+pyfunc runs (`PYFUNC_MODULES`, as MLflow `code_paths`) and pins the distributions they import
+(`pip_requirements`), so it loads where searchrel is not installed: `mlflow models serve --env-manager
+virtualenv`, `mlflow models build-docker`, or `searchrel serve --env-manager ...`. `searchrel serve` (default
+`--env-manager local`: `pipelines.scoring_server`, MLflow's scoring server behind a body-size limit) serves it
+from this project's venv.
 
 Hostile input: a request over `max_rows_per_request` rows is refused with HTTP 413; query, title and
 description are cut to their limits and tokenized as text, so a title that spells `<|im_end|>` or `<eos>` cannot
@@ -104,8 +107,8 @@ class PairScorer:
     """Scores (query, title, description) rows with a trained model folder; shared by pyfunc and batch scoring."""
 
     def __init__(self, model_dir: str | Path, settings: ServingSettings | None = None) -> None:
+        from pipelines.relevance.model_card import MODEL_CARD
         from pipelines.relevance.models import inference_device, label_token_ids, load_model
-        from pipelines.relevance.sft import MODEL_CARD
         from pipelines.training.precision import resolve_dtype
         from pipelines.training.shared_prefix import use_shared_prefix_attention
 
@@ -247,13 +250,25 @@ INPUT_EXAMPLE = pd.DataFrame({"query": ["red running shoes", "red running shoes"
                               "description": ["A road running shoe.", ""]})
 
 
-def pip_requirements() -> list[str]:
-    """The serving environment: the versions this process runs with. searchrel itself must be installed there
-    too (it is not on PyPI, so it cannot be listed): serve from this project's venv."""
-    from importlib.metadata import version
+# The modules of this package the pyfunc imports, at import time or inside the functions loading and scoring run
+# (`PairScorer`, `RelevanceModel`); `scoring_server.code_closure` adds what these import at import time. A lazy
+# import of another module on that path belongs here (tests/test_portable_model.py loads the model where only
+# the carried modules can be imported).
+PYFUNC_MODULES = ["pipelines.relevance.pyfunc_model", "pipelines.relevance.serving", "pipelines.relevance.models",
+                  "pipelines.relevance.model_card", "pipelines.relevance.prompts", "pipelines.relevance.scoring",
+                  "pipelines.relevance.metrics", "pipelines.training.precision", "pipelines.training.shared_prefix",
+                  "pipelines.env", "pipelines.scoring_server"]
+# What those modules import, pinned to this environment's versions (MLflow's own requirements come with mlflow).
+REQUIREMENTS = ["mlflow", "torch", "transformers", "tokenizers", "safetensors", "pandas", "numpy", "pyarrow",
+                "scikit-learn", "matplotlib", "tqdm"]
 
-    return [f"{name}=={version(name)}" for name in ("mlflow", "torch", "transformers", "tokenizers",
-                                                     "safetensors", "pandas", "numpy", "scikit-learn")]
+
+def pip_requirements() -> list[str]:
+    """The serving environment: the distributions the pyfunc's code imports, at the versions this process runs
+    with (searchrel itself is not one: the model carries its code)."""
+    from pipelines.scoring_server import pinned_requirements
+
+    return pinned_requirements(REQUIREMENTS)
 
 
 def log_relevance_model(model_dir: Path, settings: ServingSettings, *, registered_model_name: str | None = None,
@@ -262,15 +277,19 @@ def log_relevance_model(model_dir: Path, settings: ServingSettings, *, registere
     import shutil
     import tempfile
 
+    from pipelines.scoring_server import stage_code
+
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "model"
         shutil.copytree(model_dir, staged)
         write_serving_card(staged, settings)
+        code = stage_code(PYFUNC_MODULES, Path(tmp) / "code")
         return mlflow.pyfunc.log_model(
-            # Models from code: MLflow stores this file, not a cloudpickle of the object.
+            # Models from code: MLflow stores this file, not a cloudpickle of the object; `code_paths` carries the
+            # modules it imports (code/pipelines in the model, put on sys.path when it loads).
             name=name, python_model=str(Path(__file__).with_name("pyfunc_model.py")), artifacts={"model": str(staged)},
-            signature=model_signature(), input_example=INPUT_EXAMPLE, pip_requirements=pip_requirements(),
-            registered_model_name=registered_model_name,
+            code_paths=[str(code)], signature=model_signature(), input_example=INPUT_EXAMPLE,
+            pip_requirements=pip_requirements(), registered_model_name=registered_model_name,
         )
 
 
