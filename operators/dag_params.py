@@ -83,6 +83,11 @@ def pipeline_params(*, stages: list[str], datasets: dict[str, str], default_data
                                       "is stopped and its task fails as timed out. Stages not named keep their "
                                       "defaults: the profile's <pipeline>.timeouts section, else the DAG's table "
                                       "(operators.dag_params.STAGE_TIMEOUT_MINUTES; tiny: 30 for every stage)."),
+        "force": Param(False, type="boolean", title="Force",
+                       description="Redo every stage that runs (--force), even where its output's manifest "
+                                   "matches its config and inputs. Unset: finished stages are reused. Clearing a "
+                                   "task always submits a new job; with force off that job reuses a matching "
+                                   "output, so set this to really redo it."),
         "run_key": Param(None, type=["null", "string"], pattern=RUN_KEY_PATTERN, title="Run key",
                          description="Empty: the Airflow run id (made path-safe) names the run's output folder "
                                      "and MLflow parent run. Set it to continue an earlier run: its finished "
@@ -94,4 +99,4 @@ def stage_args(pipeline: str) -> dict[str, str]:
     """The templated arguments every stage task of `pipeline` takes from the run's params."""
     return {"pipeline": pipeline, **{name: f"{{{{ params.{name} }}}}" for name in
                                      ("dataset", "path", "profile", "overrides", "skip_stages", "until",
-                                      "timeouts")}}
+                                      "timeouts", "force")}}

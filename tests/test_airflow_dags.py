@@ -87,12 +87,14 @@ def test_every_task_stage_exists_in_its_pipeline(dag_id):
 def test_params_have_schema_and_help(dag_id):
     dag = load_dag(dag_id)
     params = dag.params
-    assert {"dataset", "path", "profile", "skip_stages", "until", "overrides", "run_key"} <= set(params.keys())
+    assert {"dataset", "path", "profile", "skip_stages", "until", "overrides", "run_key", "force"} <= set(params.keys())
     for name in params:
         param = params.get_param(name)
         assert param.description and len(param.description) > 20, f"{name} has no help text"
         assert param.schema.get("type"), f"{name} has no schema type"
     assert params.get_param("profile").schema["enum"] == ["tiny", "cpu", "gpu"]
+    assert params.get_param("force").schema["type"] == "boolean" and params["force"] is False
+    assert all(task.force == "{{ params.force }}" for task in dag.tasks)  # every stage gets --force from it
     assert set(params.get_param("skip_stages").schema["items"]["enum"]) == set(dag.task_ids)
 
 
@@ -318,7 +320,7 @@ def test_trigger_on_kill_stops_the_job(local_conn):
     sid = "trigger-kill-probe"
     hook.submit(sid, "timeit", ["-n", "1", "import time; time.sleep(600)"])
     _wait_for_status(hook, sid, "RUNNING")
-    classpath, kwargs = RayJobTrigger(sid, hook.target.address, hook.target.extra).serialize()
+    classpath, kwargs = RayJobTrigger(sid, hook.ray_conn_id).serialize()
     assert classpath == "operators.triggers.ray.RayJobTrigger"
     asyncio.run(RayJobTrigger(**kwargs).on_kill())
     assert _wait_terminal(local_conn / sid) == "STOPPED"

@@ -1,16 +1,20 @@
 """RayHook: run a job by submission id, on the embedded default or on a Ray cluster through the Jobs API.
 
-Connection `ray_default` (conn type `ray`):
+Connection `ray_default` (conn type `ray`, registered by the searchrel provider, `operators.provider`):
 
-- host `local`, or no such connection at all: the embedded default. The job runs as a local subprocess under a
-  detached supervisor (`operators.hooks.local_job`), found again by its submission id. Extras: `jobs_dir` (where
-  job folders go; default `$AIRFLOW_HOME/ray_jobs`), `warm` (default true: fork jobs from a server that has the
-  libraries imported, see `operators.hooks.warm_jobs`; `SEARCHREL_WARM_JOBS=0` turns it off everywhere).
-- any other host: the Ray Jobs API at `http://host:port` (port 8265 when unset; a host with a scheme is used as
-  it is), through `ray.job_submission.JobSubmissionClient`. Extras: `python` (the interpreter on the cluster
+- host `local`, or no `ray_default` connection at all: the embedded default. The job runs as a local subprocess
+  under a detached supervisor (`operators.hooks.local_job`), found again by its submission id. Extras: `jobs_dir`
+  (where job folders go; default `$AIRFLOW_HOME/ray_jobs`), `warm` (default true: fork jobs from a server that has
+  the libraries imported, see `operators.hooks.warm_jobs`; `SEARCHREL_WARM_JOBS=0` turns it off everywhere).
+- a cluster: the Ray Jobs API, through `ray.job_submission.JobSubmissionClient`, at the extra `address` (as in
+  astronomer's Ray provider; `extra__ray__address` too, as older connection forms save it) or at `http://host:port`
+  (port 8265 when unset; a host with a scheme is used as it is). Extras: `python` (the interpreter on the cluster
   that has searchrel installed; default `python`), `runtime_env` (merged into each job's runtime env),
   `entrypoint_num_cpus`.
 - both: `env_passthrough`, more worker variables to pass to jobs (a list, or comma-separated; `PREFIX*` allowed).
+
+A connection that exists but names no target (no host, no address) or two (a host and a different address) is
+an error saying what to set: an empty connection must not quietly run the jobs on the Airflow worker.
 
 A job never inherits the worker's environment (Airflow's DB URL and Fernet key live there): a local job starts
 from the variables `operators.hooks.job_env` names (`STAGE_ENV` + `LOCAL_ENV`), a Ray job gets `STAGE_ENV` as its
@@ -18,32 +22,51 @@ runtime env's `env_vars` on top of the cluster's own environment; both plus `$SE
 `env_passthrough` and the operator's `env`, and never an `AIRFLOW*` variable.
 
     AIRFLOW_CONN_RAY_DEFAULT='{"conn_type": "ray", "host": "local"}'
+    AIRFLOW_CONN_RAY_DEFAULT='{"conn_type": "ray", "extra": {"address": "http://10.0.0.5:8265"}}'
     AIRFLOW_CONN_RAY_DEFAULT='{"conn_type": "ray", "host": "10.0.0.5", "port": 8265, "extra": {"python": "/opt/venv/bin/python"}}'
 
-Statuses are Ray's: PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED; None means no job has the id.
+Statuses are Ray's: PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED; None means no job has the id. Logs are followed
+as they are written (`follow_logs`: `JobSubmissionClient.tail_job_logs` on a cluster, one stream per wait).
 Ray is imported only when a cluster is used, never at DAG import time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shlex
 import sys
 import time
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseHook
+from airflow.sdk.exceptions import AirflowFailException
 
 from operators.hooks import job_env, local_job
 
 LOCAL = "local"
 TERMINAL = local_job.TERMINAL
+DEFAULT_JOBS_API_PORT = 8265
+# Where a connection may keep the cluster address in its extra: astronomer's key, and the prefixed form older
+# connection forms save custom fields under.
+ADDRESS_EXTRAS = ("address", "extra__ray__address")
 # How long a stop may take before the caller gives up waiting for the job to end (a local job gets 20 s to exit
 # after SIGTERM, then SIGKILL; Ray waits RAY_JOB_STOP_WAIT_TIME_S, 3 s by default, before its SIGKILL).
 STOP_WAIT_S = 60.0
+# Once a job has ended, how long its last log lines may take to reach the task log before the wait ends without
+# them (Ray's log stream closes a second or so after the job).
+LOG_DRAIN_S = 30.0
+# A log stream that breaks while its job runs (a dashboard restart) is opened again after this pause.
+LOG_RECONNECT_S = 2.0
+
+
+class RayConnectionError(AirflowFailException, ValueError):
+    """The Ray connection names no target, or two: the message says what to set. The task fails at once,
+    without its retries: a retry would read the same connection."""
 
 
 @dataclass
@@ -58,6 +81,35 @@ class RayTarget:
         return self.address == LOCAL
 
 
+def resolve_target(conn_id: str, host: str | None, port: int | None, extra: Mapping[str, Any] | None) -> RayTarget:
+    """The target a connection names: host `local`, the extra `address`, or `http://host:port`; exactly one.
+
+    An empty connection is refused rather than read as `local`: a connection made for a cluster with its address
+    in a field this hook did not read would otherwise run every job on the Airflow worker."""
+    extra = dict(extra or {})
+    host = (host or "").strip()
+    addresses = {str(extra[key]).strip().rstrip("/") for key in ADDRESS_EXTRAS if str(extra.get(key) or "").strip()}
+    if len(addresses) > 1:
+        raise RayConnectionError(f"connection {conn_id!r} names two Ray addresses in its extra "
+                                 f"({' and '.join(sorted(addresses))}): keep one `address`")
+    address = addresses.pop() if addresses else None
+    if not host and not address:
+        raise RayConnectionError(
+            f"connection {conn_id!r} (conn type ray) names no Ray cluster: set the extra `address` (e.g. "
+            f"{{\"address\": \"http://HEAD:{DEFAULT_JOBS_API_PORT}\"}}) or the host (and port) of the Ray head's "
+            f"Jobs API; or host `{LOCAL}` to run the jobs as local subprocesses on the Airflow worker")
+    from_host = None
+    if host == LOCAL:
+        from_host = LOCAL
+    elif host:
+        from_host = (host if "://" in host else f"http://{host}:{port or DEFAULT_JOBS_API_PORT}").rstrip("/")
+    if from_host and address and address != from_host:
+        raise RayConnectionError(
+            f"connection {conn_id!r} names two Ray targets: host gives {from_host!r}, the extra `address` "
+            f"{address!r}; keep one (clear the host, or remove `address` from the extra)")
+    return RayTarget(from_host or address, extra)
+
+
 class RayHook(BaseHook):
     """Submit, find, follow and stop Ray jobs by their submission id."""
 
@@ -69,14 +121,23 @@ class RayHook(BaseHook):
     def __init__(self, ray_conn_id: str = default_conn_name, target: RayTarget | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.ray_conn_id = ray_conn_id
-        if target is not None:  # already resolved (a trigger gets it from the operator: no connection lookup)
+        if target is not None:  # already resolved (`aresolve`, or a test's own target): no connection lookup
             self.target = target
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        return {"hidden_fields": ["schema", "login", "password"],
-                "placeholders": {"host": "local, or the Ray head's address (Jobs API, port 8265)",
-                                 "extra": '{"python": "python", "runtime_env": {}}'}}
+        """The connection form's behaviour for Airflow < 3.2; newer Airflow reads it from the provider info."""
+        from operators.provider import RAY_UI_FIELD_BEHAVIOUR
+
+        return {"hidden_fields": list(RAY_UI_FIELD_BEHAVIOUR["hidden-fields"]),
+                "relabeling": dict(RAY_UI_FIELD_BEHAVIOUR["relabeling"]),
+                "placeholders": dict(RAY_UI_FIELD_BEHAVIOUR["placeholders"])}
+
+    def _embedded_default(self) -> RayTarget:
+        """No `ray_default` connection at all: local jobs, as documented (an empty one is an error instead)."""
+        self.log.info("connection %s is not defined: using the embedded default (local subprocess jobs)",
+                      self.ray_conn_id)
+        return RayTarget(LOCAL)
 
     @cached_property
     def target(self) -> RayTarget:
@@ -87,15 +148,25 @@ class RayHook(BaseHook):
         except AirflowNotFoundException:
             if self.ray_conn_id != self.default_conn_name:
                 raise
-            self.log.info("connection %s is not defined: using the embedded default (local subprocess jobs)",
-                          self.ray_conn_id)
-            return RayTarget(LOCAL)
-        extra = conn.extra_dejson or {}
-        host = (conn.host or LOCAL).strip()
-        if host == LOCAL:
-            return RayTarget(LOCAL, extra)
-        address = host if "://" in host else f"http://{host}:{conn.port or 8265}"
-        return RayTarget(address, extra)
+            return self._embedded_default()
+        return resolve_target(self.ray_conn_id, conn.host, conn.port, conn.extra_dejson)
+
+    @classmethod
+    async def aresolve(cls, ray_conn_id: str = default_conn_name) -> RayHook:
+        """A hook with its target read through Airflow's async connection API (for triggers: the sync one must
+        not run on the triggerer's event loop)."""
+        from airflow.sdk.exceptions import AirflowNotFoundException
+
+        hook = cls(ray_conn_id)
+        try:
+            conn = await cls.aget_connection(ray_conn_id)
+        except AirflowNotFoundException:
+            if ray_conn_id != cls.default_conn_name:
+                raise
+            hook.target = hook._embedded_default()
+            return hook
+        hook.target = resolve_target(ray_conn_id, conn.host, conn.port, await conn.aextra_dejson())
+        return hook
 
     # ------------------------------------------------------------------------------------------- local jobs
 
@@ -132,24 +203,30 @@ class RayHook(BaseHook):
         env = job_env.checked(env)
         if self.target.is_local:
             base = self.job_environment()
+            warm = self.target.extra.get("warm")  # a connection form may save it as null: unset, so on
             return local_job.submit(self.job_dir(submission_id), [sys.executable, "-m", module, *args], env,
-                                    warm=bool(self.target.extra.get("warm", True)), base_env=base)
-        python = self.target.extra.get("python", "python")
-        runtime_env = dict(self.target.extra.get("runtime_env") or {})
-        runtime_env["env_vars"] = {**self.job_environment(), **job_env.checked(runtime_env.get("env_vars")),
-                                   **env}
+                                    warm=True if warm is None else bool(warm), base_env=base)
         try:
-            wanted = {"num_cpus": self.target.extra.get("entrypoint_num_cpus")} | dict(resources or {})
-            self.client.submit_job(entrypoint=shlex.join([python, "-m", module, *args]), submission_id=submission_id,
-                                   runtime_env=runtime_env, entrypoint_num_cpus=wanted.get("num_cpus"),
-                                   entrypoint_num_gpus=wanted.get("num_gpus"),
-                                   entrypoint_memory=wanted.get("memory"),
-                                   entrypoint_resources=wanted.get("resources"))
+            self.client.submit_job(**self.submission_request(submission_id, module, args, env, resources))
         except RuntimeError as err:
             if self.get_status(submission_id) is not None:  # submitted concurrently or by an earlier try
                 return False
             raise RuntimeError(f"submitting {self.describe(submission_id)} failed: {err}") from err
         return True
+
+    def submission_request(self, submission_id: str, module: str, args: list[str],
+                           env: dict[str, str] | None = None, resources: dict[str, Any] | None = None
+                           ) -> dict[str, Any]:
+        """The keyword arguments of `JobSubmissionClient.submit_job` for a cluster job."""
+        python = self.target.extra.get("python") or "python"
+        runtime_env = dict(self.target.extra.get("runtime_env") or {})
+        runtime_env["env_vars"] = {**self.job_environment(), **job_env.checked(runtime_env.get("env_vars")),
+                                   **job_env.checked(env)}
+        wanted = {"num_cpus": self.target.extra.get("entrypoint_num_cpus")} | dict(resources or {})
+        return {"entrypoint": shlex.join([python, "-m", module, *args]), "submission_id": submission_id,
+                "runtime_env": runtime_env, "entrypoint_num_cpus": wanted.get("num_cpus"),
+                "entrypoint_num_gpus": wanted.get("num_gpus"), "entrypoint_memory": wanted.get("memory"),
+                "entrypoint_resources": wanted.get("resources")}
 
     def job_environment(self) -> dict[str, str]:
         """The worker variables a job gets (see `operators.hooks.job_env`): for a local job its whole starting
@@ -181,13 +258,62 @@ class RayHook(BaseHook):
             raise
 
     def get_logs(self, submission_id: str, offset: int = 0) -> tuple[str, int]:
-        """Log text after `offset` and the new offset (bytes of the log file locally, characters on Ray)."""
+        """Log text after `offset` and the new offset (bytes of the log file locally, characters on Ray).
+
+        On a cluster this downloads the whole log: to follow a running job use `follow_logs`."""
         if self.target.is_local:
             return local_job.read_log(self.job_dir(submission_id), offset)
         text = self.client.get_job_logs(submission_id)
         cut = text.rfind("\n") + 1 if self.get_status(submission_id) not in TERMINAL else len(text)
         cut = max(cut, offset)
         return text[offset:cut], cut
+
+    async def follow_logs(self, submission_id: str, offset: int = 0,
+                          poll_interval: float = 0.5) -> AsyncIterator[tuple[str, int]]:
+        """Each complete log line after `offset` as the job writes it, with the offset to resume from once it is
+        handled; ends when the job has ended and its log is read. A local job's file is read on from the offset
+        every `poll_interval`; a cluster job's log comes through one `JobSubmissionClient.tail_job_logs` stream
+        (not downloaded whole on every poll; a stream broken while the job runs is opened again, skipping what
+        was read)."""
+        if self.target.is_local:
+            while True:
+                status = await asyncio.to_thread(self.get_status, submission_id)
+                text, offset = await asyncio.to_thread(self.get_logs, submission_id, offset)
+                for line in text.splitlines():
+                    yield line, offset  # byte offsets: the end of this read (a local log is read in whole lines)
+                if (status is None or status in TERMINAL) and not text:
+                    return
+                if not text:
+                    await asyncio.sleep(poll_interval)
+        client = await asyncio.to_thread(lambda: self.client)
+        while True:
+            seen, pending = 0, ""
+            try:
+                async for chunk in client.tail_job_logs(submission_id):
+                    # The stream starts at the top of the log: skip what an earlier stream (or wait) already read.
+                    skip = max(0, min(len(chunk), offset - seen))
+                    seen += len(chunk)
+                    pending += chunk[skip:]
+                    *lines, pending = pending.split("\n")
+                    for line in lines:
+                        offset += len(line) + 1
+                        yield line, offset
+                if pending:  # the job has ended: a last line without its newline is complete too
+                    offset += len(pending)
+                    yield pending, offset
+                return
+            except Exception as err:  # noqa: BLE001 - RuntimeError from Ray, aiohttp's ClientError: not only OSError
+                status = await asyncio.to_thread(self.get_status, submission_id)
+                if status is None or status in TERMINAL:
+                    if status is not None:  # ended while the stream was down: read what is left once
+                        text, _ = await asyncio.to_thread(self.get_logs, submission_id, offset)
+                        offset += len(text)
+                        for line in text.splitlines():
+                            yield line, offset
+                    return
+                self.log.warning("the log stream of %s broke (%s); opening it again", self.describe(submission_id),
+                                 err)
+                await asyncio.sleep(LOG_RECONNECT_S)
 
     def get_message(self, submission_id: str) -> str:
         if self.target.is_local:

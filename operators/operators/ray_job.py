@@ -2,7 +2,10 @@
 
 What it guarantees, unlike the discontinued Ray provider (a new job on every retry, a 600 s default timeout):
 
-- The submission id is a pure function of (dag id, run id, task id[, map index]), not of the try number. A try
+- The submission id is a pure function of (dag id, run id, task id[, map index], the first try since the task
+  instance was last cleared), not of the try number: a retry (or a try after a lost worker) gets the id of the try
+  before it, a cleared task instance a new one (`-c<try>`), so clearing a task runs its stage again in a new job
+  (whose stage still reuses outputs whose manifest matches, unless the run's `force` Param is set). A try
   first looks the id up: a running job is attached to, a succeeded job's result is reused, and only when no
   job has the id is one submitted. The submission itself is refused by Ray (or by `mkdir` locally) if the id
   exists, so two tries can never both start a job. A job that FAILED or was STOPPED is not resubmitted under
@@ -37,6 +40,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Sequence
 from datetime import timedelta
@@ -84,12 +88,36 @@ def path_safe(value: str) -> str:
     return safe
 
 
-def submission_id(dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> str:
-    """Deterministic per task instance and stable across its tries; readable prefix, digest for uniqueness."""
+def submission_id(dag_id: str, run_id: str, task_id: str, map_index: int = -1, first_try: int = 1) -> str:
+    """Deterministic per task instance and stable across its retries; readable prefix, digest for uniqueness.
+
+    `first_try`: the try a task instance's current series began with (`first_try_since_clear`); a cleared task
+    instance starts a new series, so it gets a new id (`-c<first_try>`) and submits a new job."""
     key = "\n".join([dag_id, run_id, task_id, str(map_index)])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     suffix = f"-m{map_index}" if map_index >= 0 else ""
-    return f"{path_safe(dag_id)}--{path_safe(task_id)}{suffix}--{digest}"
+    cleared = f"-c{first_try}" if first_try > 1 else ""
+    return f"{path_safe(dag_id)}--{path_safe(task_id)}{suffix}--{digest}{cleared}"
+
+
+def first_try_since_clear(max_tries: int | None, retries: int | None, try_number: int | None) -> int:
+    """The try number that began the task instance's current series of tries: 1, or the first try after its last
+    clear. Clearing sets `max_tries = try_number + retries` and a retry leaves it alone, so `max_tries - retries`
+    is the try the last clear came after (0 if never cleared); Airflow's own first-reschedule lookup
+    (`RuntimeTaskInstance.get_first_reschedule_date`) counts the same way. `ti.id` cannot tell the two apart: it
+    changes on every try. Numbers that do not fit (the DAG's `retries` changed since the last clear) count as
+    never cleared."""
+    if max_tries is None:
+        return 1
+    first = int(max_tries) - int(retries or 0) + 1
+    return first if 1 < first <= int(try_number or 1) else 1
+
+
+def _truthy(value: Any) -> bool:
+    """A templated flag: a bool (native rendering) or its text."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes", "on")
+    return bool(value)
 
 
 def _as_list(value: Any, name: str) -> list[str]:
@@ -124,6 +152,13 @@ class RayJobOperator(BaseOperator):
         tasks; `all` or empty runs every one (templated).
     :param root: the artifact root passed as `--root` (templated; default `$SEARCHREL_ROOT`).
     :param env: extra environment of the job (templated); the rest is what `operators.hooks.job_env` passes.
+    :param force: pass `--force`: the stage is redone even where its manifest matches (templated; the DAGs pass the
+        `force` Param).
+    :param entrypoint_num_gpus: GPUs the stage's driver reserves on a cluster (Ray's `entrypoint_num_gpus`;
+        default: the profile's `<pipeline>.entrypoint.<stage>.num_gpus`, else none). Ignored by local jobs.
+    :param entrypoint_memory: bytes of memory the driver reserves (`entrypoint_memory`; default: the profile's
+        `memory_gb`). :param entrypoint_resources: custom Ray resources for the driver, e.g. {"a100": 1}
+        (`entrypoint_resources`; default: the profile's `resources`).
     :param job_timeout: seconds (or a timedelta) after which the job is stopped and the task fails, unless the
         run's `timeouts` Param or the profile's `<pipeline>.timeouts` section names this stage; default: the DAG's
         table for the profile (`operators.dag_params.STAGE_TIMEOUT_MINUTES`).
@@ -134,12 +169,12 @@ class RayJobOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = ("pipeline", "run_key", "dataset", "path", "profile", "overrides",
-                                      "skip_stages", "until", "extra_args", "root", "env", "timeouts")
+                                      "skip_stages", "until", "extra_args", "root", "env", "timeouts", "force")
     ui_color = "#d6ecff"
 
     def __init__(self, *, stage: str, pipeline: str, run_key: str = RUN_KEY_TEMPLATE, dataset: str | None = None,
                  path: str | None = None, profile: str = "tiny", overrides: Any = (), skip_stages: Any = (),
-                 until: str | None = None, extra_args: Any = (), root: str | None = None,
+                 until: str | None = None, extra_args: Any = (), root: str | None = None, force: Any = False,
                  env: dict[str, str] | None = None, job_timeout: float | timedelta | None = None,
                  timeouts: Any = None, entrypoint_num_gpus: float | None = None,
                  entrypoint_memory: int | None = None, entrypoint_resources: dict[str, float] | None = None,
@@ -163,6 +198,7 @@ class RayJobOperator(BaseOperator):
         self.until = until
         self.extra_args = extra_args
         self.root = root
+        self.force = force
         self.env = env
         self.entrypoint_num_gpus = entrypoint_num_gpus
         self.entrypoint_memory = entrypoint_memory
@@ -207,6 +243,8 @@ class RayJobOperator(BaseOperator):
             args += ["--set", item]
         if self.root:
             args += ["--root", str(self.root)]
+        if _truthy(self.force):
+            args.append("--force")
         return args + _as_list(self.extra_args, "extra_args")
 
     def job_env(self) -> dict[str, str]:
@@ -280,6 +318,11 @@ class RayJobOperator(BaseOperator):
                 return f"until={until}: {self.task_id} is not {until} or one of its upstream tasks"
         return None
 
+    def base_submission_id(self, ti) -> str:
+        """The job id of this task instance's current series of tries (`submission_id`, `first_try_since_clear`)."""
+        first_try = first_try_since_clear(getattr(ti, "max_tries", None), self.retries, getattr(ti, "try_number", 1))
+        return submission_id(ti.dag_id, ti.run_id, ti.task_id, getattr(ti, "map_index", -1), first_try)
+
     def _locate(self, hook, base: str) -> tuple[str, str | None]:
         """The attempt to follow: the first of base, base-r2, ... that did not fail or stop, and its status."""
         for attempt in range(1, _MAX_ATTEMPTS + 1):
@@ -302,8 +345,7 @@ class RayJobOperator(BaseOperator):
         run_key = path_safe(self.run_key)
         timeout_s, timeout_source = self.resolve_job_timeout()
         hook = self.hook()
-        base = submission_id(ti.dag_id, ti.run_id, ti.task_id, getattr(ti, "map_index", -1))
-        sid, status = self._locate(hook, base)
+        sid, status = self._locate(hook, self.base_submission_id(ti))
         self._submission_id = sid
         ti.xcom_push(key="submission_id", value=sid)
         if status is None:
@@ -328,7 +370,7 @@ class RayJobOperator(BaseOperator):
             local = hook.target.is_local
             poll = self.poll_interval or (0.5 if local else 2.0)
             # The trigger stops the job at its deadline; the deferral's own timeout is Airflow's backstop.
-            self.defer(trigger=RayJobTrigger(sid, hook.target.address, hook.target.extra, poll_interval=poll,
+            self.defer(trigger=RayJobTrigger(sid, self.ray_conn_id, poll_interval=poll,
                                              max_poll_interval=poll if local else max(poll, 15.0),
                                              deadline=deadline, timeout_s=timeout_s),
                        method_name="execute_complete",
@@ -336,29 +378,45 @@ class RayJobOperator(BaseOperator):
         offset = self._wait(hook, sid, deadline, timeout_s)
         return self._finish(hook, sid, hook.get_status(sid), run_key, offset)
 
-    def _copy_logs(self, hook, sid: str, offset: int) -> int:
-        while True:
-            text, new_offset = hook.get_logs(sid, offset)
-            for line in text.splitlines():
+    def _follow_logs(self, hook, sid: str, poll: float) -> tuple[threading.Thread, dict[str, int]]:
+        """Copy the job's log into the task log from a thread of its own while the worker waits (`follow_logs` is
+        async: one `tail_job_logs` stream on a cluster); returns the thread and its progress (`offset`)."""
+        import asyncio
+
+        progress = {"offset": 0}
+
+        async def copy() -> None:
+            async for line, offset in hook.follow_logs(sid, 0, poll):
                 self.log.info("%s", line)
-            if new_offset == offset or not text:
-                return new_offset
-            offset = new_offset
+                progress["offset"] = offset
+
+        def run() -> None:
+            try:
+                asyncio.run(copy())
+            except Exception as err:  # noqa: BLE001 - the job's outcome does not depend on its log
+                self.log.warning("copying the job log failed: %s", err)
+
+        thread = threading.Thread(target=run, name=f"log-{sid}", daemon=True)
+        thread.start()
+        return thread, progress
 
     def _wait(self, hook, sid: str, deadline: float | None = None, timeout_s: float | None = None) -> int:
-        offset, poll = 0, self.poll_interval or (0.5 if hook.target.is_local else 2.0)
+        from operators.hooks.ray import LOG_DRAIN_S
+
+        poll = self.poll_interval or (0.5 if hook.target.is_local else 2.0)
+        follower, progress = self._follow_logs(hook, sid, poll)
         while True:
             status = hook.get_status(sid)
-            offset = self._copy_logs(hook, sid, offset)
             if status in (None, "SUCCEEDED", "FAILED", "STOPPED"):
-                return offset
+                follower.join(LOG_DRAIN_S)
+                return progress["offset"]
             if deadline is not None and time.time() >= deadline:
                 elapsed = time.time() - (deadline - timeout_s)
                 self.log.error("%s passed its timeout (%s): stopping it", hook.describe(sid), duration(timeout_s))
                 final = hook.stop_and_wait(sid)
-                offset = self._copy_logs(hook, sid, offset)
+                follower.join(LOG_DRAIN_S)
                 if final == "SUCCEEDED":  # it finished between the last look and the stop
-                    return offset
+                    return progress["offset"]
                 raise self.timed_out(hook, sid, elapsed, timeout_s, final)
             time.sleep(poll if deadline is None else max(0.05, min(poll, deadline - time.time())))
 
@@ -384,8 +442,7 @@ class RayJobOperator(BaseOperator):
         if next_method == TRIGGER_FAIL_REPR and (next_kwargs or {}).get("error") == TriggerFailureReason.TRIGGER_TIMEOUT:
             ti = context["ti"]
             hook = self.hook()
-            base = submission_id(ti.dag_id, ti.run_id, ti.task_id, getattr(ti, "map_index", -1))
-            sid, status = self._locate(hook, base)
+            sid, status = self._locate(hook, self.base_submission_id(ti))
             if status not in (None, "SUCCEEDED"):
                 self.log.error("the deferral timed out: stopping %s (%s)", hook.describe(sid),
                                hook.stop_and_wait(sid))
