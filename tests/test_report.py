@@ -221,7 +221,7 @@ def test_evaluate_stage_compares_with_the_baselines_lexical_predictions(root, sh
     from mlflow.tracking import MlflowClient
 
     from pipelines.relevance import pipeline
-    from pipelines.relevance.metrics import paired_bootstrap
+    from pipelines.relevance.metrics import classification_metrics, paired_bootstrap, prior_corrected_probs
     from pipelines.tracking import runs
 
     spec = pipeline.RunSpec(run_key="vs", root=root, dataset="crowdflower",
@@ -266,8 +266,20 @@ def test_evaluate_stage_compares_with_the_baselines_lexical_predictions(root, sh
         for stat in ("diff", "ci_low", "ci_high"):
             value = logged[f"sft_post_cot.test.vs_lexical.{metric}_{stat}"]
             assert value == pytest.approx(expected[metric][stat], nan_ok=True)
+    # The prior-corrected argmax (offsets tuned on val) is compared the same way, on the corrected probabilities.
+    corrected = metrics["test"]["prior_corrected"]
+    offsets = [corrected["offsets"][str(level)] for level in (1, 2, 3, 4)]
+    expected_corrected = paired_bootstrap(
+        rows["label"].to_numpy(), rows["query_id"].to_numpy(),
+        prior_corrected_probs(predictions[["p1", "p2", "p3", "p4"]].to_numpy(), offsets), by_row)
+    assert corrected["vs_lexical"] == expected_corrected
+    assert expected_corrected["macro_f1"]["diff"] == pytest.approx(
+        corrected["macro_f1"] - classification_metrics(rows["label"].to_numpy(), by_row)["macro_f1"])
+    assert logged["sft_post_cot.test.prior_corrected.vs_lexical.macro_f1_ci_low"] == pytest.approx(
+        expected_corrected["macro_f1"]["ci_low"], nan_ok=True)
     text, _ = render_report(root, "vs")
     assert "## Against the lexical baseline" in text and "| SFT, post-CoT " in text
+    assert "| SFT, post-CoT, prior-corr. " in text
 
     # A lexical file from another split is refused rather than paired with the wrong rows.
     other = test.copy()

@@ -332,7 +332,13 @@ def _evaluate_and_log(ctx: StageContext, name: str, splits, val_probs, test_prob
     """
     import mlflow
 
-    from pipelines.relevance.metrics import confusion_figure, evaluate_probs, paired_bootstrap
+    from pipelines.relevance.metrics import (
+        LEVELS_ASC,
+        confusion_figure,
+        evaluate_probs,
+        paired_bootstrap,
+        prior_corrected_probs,
+    )
     from pipelines.tracking.runs import log_figure
 
     val, test = splits["val"], splits["test"]
@@ -351,6 +357,14 @@ def _evaluate_and_log(ctx: StageContext, name: str, splits, val_probs, test_prob
                                                  test_probs, lexical_test_probs)
         flat.update({f"{name}.test.vs_lexical.{key}": metrics["vs_lexical"][metric][stat]
                      for (metric, stat), key in PAIRED_METRIC_NAMES.items()})
+        corrected = metrics["test"].get("prior_corrected")
+        if corrected:  # the same comparison for the prior-corrected argmax (its offsets were tuned on val)
+            offsets = [corrected["offsets"][str(level)] for level in LEVELS_ASC]
+            corrected["vs_lexical"] = paired_bootstrap(
+                test["label"].to_numpy(), test["query_id"].to_numpy(), prior_corrected_probs(test_probs, offsets),
+                lexical_test_probs)
+            flat.update({f"{name}.test.prior_corrected.vs_lexical.{key}": corrected["vs_lexical"][metric][stat]
+                         for (metric, stat), key in PAIRED_METRIC_NAMES.items()})
     mlflow.log_metrics(flat)
     log_figure(confusion_figure(metrics["test"]["confusion"], f"{name} (test)"), f"{name}_confusion_test.png")
     mlflow.log_dict(metrics, f"{name}_metrics.json")
