@@ -231,7 +231,8 @@ def evaluate(spec: RunSpec, stage: str = "evaluate") -> StageResult:
         probs = score_model(ctx.inputs["model"] / "model", {s: splits[s] for s in ("val", "test")}, style, cfg)
         name = f"sft_{style}" if sft_stage.startswith("sft") else sft_stage
         lexical = _read_lexical(ctx.inputs["lexical"], splits["test"]) if "lexical" in ctx.inputs else None
-        metrics = _evaluate_and_log(ctx, name, splits, probs["val"], probs["test"], lexical)
+        lexical_offsets = _lexical_prior_offsets(ctx.inputs["lexical"]) if "lexical" in ctx.inputs else None
+        metrics = _evaluate_and_log(ctx, name, splits, probs["val"], probs["test"], lexical, lexical_offsets)
         for split in ("val", "test"):
             frame = splits[split][["query_id", "item_id", "label"]].copy()
             frame[["p1", "p2", "p3", "p4"]] = probs[split]
@@ -285,6 +286,16 @@ def _read_lexical(path: Path, test: pd.DataFrame):
     return frame[["p1", "p2", "p3", "p4"]].to_numpy(dtype="float64")
 
 
+def _lexical_prior_offsets(path: Path) -> list[float] | None:
+    """The lexical baseline's own prior-correction offsets (tuned on val by the baselines stage that wrote
+    `path`), in level order; None when it recorded none."""
+    from pipelines.stage import read_manifest
+
+    manifest = read_manifest(Path(path).parent) or {}
+    corrected = manifest.get("summary", {}).get("lexical", {}).get("test", {}).get("prior_corrected")
+    return [corrected["offsets"][str(level)] for level in (1, 2, 3, 4)] if corrected else None
+
+
 def score_model(model_dir: Path, splits: dict[str, pd.DataFrame], style: str | None, cfg: EvaluateConfig) -> dict:
     """Level probabilities per split: first-token scoring, or decoding for pre-CoT (its label comes last).
 
@@ -324,11 +335,14 @@ def score_model(model_dir: Path, splits: dict[str, pd.DataFrame], style: str | N
 
 
 def _evaluate_and_log(ctx: StageContext, name: str, splits, val_probs, test_probs,
-                      lexical_test_probs=None) -> dict[str, Any]:
+                      lexical_test_probs=None, lexical_offsets=None) -> dict[str, Any]:
     """Metrics for val and test, CumPT tuned on val, and a confusion-matrix plot, logged to the stage run.
 
     With the lexical baseline's test probabilities, `vs_lexical` is the paired difference (this model minus
-    lexical) of macro-F1 and QWK on test, with its 95% interval from a bootstrap over queries; else None.
+    lexical) of macro-F1 and QWK on test, with its 95% interval from a bootstrap over queries; else None. With
+    lexical's own prior-correction offsets too, `test.prior_corrected.vs_lexical` compares the two
+    prior-corrected argmaxes the same way: each rule's offsets tuned on val by its own stage, so neither side
+    gets a correction the other lacks.
     """
     import mlflow
 
@@ -358,11 +372,11 @@ def _evaluate_and_log(ctx: StageContext, name: str, splits, val_probs, test_prob
         flat.update({f"{name}.test.vs_lexical.{key}": metrics["vs_lexical"][metric][stat]
                      for (metric, stat), key in PAIRED_METRIC_NAMES.items()})
         corrected = metrics["test"].get("prior_corrected")
-        if corrected:  # the same comparison for the prior-corrected argmax (its offsets were tuned on val)
+        if corrected and lexical_offsets is not None:
             offsets = [corrected["offsets"][str(level)] for level in LEVELS_ASC]
             corrected["vs_lexical"] = paired_bootstrap(
                 test["label"].to_numpy(), test["query_id"].to_numpy(), prior_corrected_probs(test_probs, offsets),
-                lexical_test_probs)
+                prior_corrected_probs(lexical_test_probs, lexical_offsets))
             flat.update({f"{name}.test.prior_corrected.vs_lexical.{key}": corrected["vs_lexical"][metric][stat]
                          for (metric, stat), key in PAIRED_METRIC_NAMES.items()})
     mlflow.log_metrics(flat)

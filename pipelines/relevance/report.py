@@ -103,7 +103,7 @@ def lexical_comparison_rows(root: Path, run_key: str) -> list[dict[str, Any]]:
         corrected = s["test"].get("prior_corrected", {}).get("vs_lexical")
         for name, versus in ((label.split(" (")[0], s.get("vs_lexical")),
                              (f"{label.split(' (')[0]}, prior-corr.", corrected)):
-            if versus:  # the prior-corrected argmax: level offsets tuned on val, applied to test
+            if versus:  # prior-corrected: both sides' argmax after level offsets tuned on val
                 rows.append({"model": name, "dF1 [lo,hi]": _interval(versus, "macro_f1"),
                              "dQWK [lo,hi]": _interval(versus, "qwk"), "verdict": _verdict(versus)})
     return rows
@@ -191,7 +191,8 @@ def render_report(root: Path, run_key: str) -> tuple[str, list[dict[str, Any]]]:
                  f"{boot['level']:.0%} interval of a paired bootstrap over queries ({boot['n_boot']} "
                  f"resamples of the {boot['n_queries']} test queries, seed {boot['seed']}). verdict: better "
                  "(worse) when the macro-F1 interval lies above (below) 0, n.s. when it holds 0. `prior-corr.`: "
-                 "the argmax after per-level offsets on the log probabilities tuned on val (`prior_corrected`).\n\n"
+                 "the argmax after per-level offsets on the log probabilities tuned on val (`prior_corrected`), against "
+                 "lexical's own prior-corrected argmax.\n\n"
                  + tabulate(versus, headers="keys", tablefmt="github") + "\n")
     curve = pass_at_k_rows(root, run_key)
     if curve:
