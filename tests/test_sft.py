@@ -108,11 +108,8 @@ def _run_killed_then_resumed(judgments, tmp_path, overrides, kill_at_step):
     return kill_and_rerun(args, tmp_path / "ckpt", "sft", kill_at_step, tmp_path / "out" / "model")
 
 
-# The fault matrix (tests/fault/test_fault_matrix.py, in `make test`) SIGKILLs sft at a checkpoint of a real run
-# and compares the rerun's published model with an uninterrupted run's by digest; this direct check of the
-# resumed loss is its extended variant.
+# `make test`'s SIGKILL-and-resume check of SFT (the fault matrix, extended, kills whole runs at more points).
 @pytest.mark.slow
-@pytest.mark.extended
 def test_sigkill_mid_training_resumes_to_the_same_result(judgments, tmp_path, ray_local):
     overrides = {"max_steps": 10, "save_steps": 3}
     resumed, killed_at = _run_killed_then_resumed(judgments, tmp_path, overrides, kill_at_step=3)
