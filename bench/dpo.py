@@ -44,7 +44,7 @@ def make_pairs(rows):
     import pandas as pd
 
     from pipelines.relevance.prompts import format_response
-    from pipelines.relevance.rationales import write_rationale
+    from pipelines.relevance.rationales.rules import write_rationale
 
     chosen, rejected = [], []
     for r in rows.itertuples(index=False):
@@ -60,7 +60,7 @@ def make_pairs(rows):
 
 def dpo_config(args, dtype: str = "float32", share_prefix: bool = False):
     from pipelines.config import build_config
-    from pipelines.relevance.dpo import DPOConfig
+    from pipelines.relevance.config import DPOConfig
 
     return build_config(DPOConfig, "dpo", {"per_device_train_batch_size": args.batch, "max_length": args.max_length,
                                            "learning_rate": args.lr, "zero_stage": args.zero_stage,

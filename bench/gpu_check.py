@@ -15,7 +15,6 @@ from Parquet); not Ray, MLflow or Airflow.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -83,9 +82,9 @@ def main() -> None:
     from pipelines.config import build_config
     from pipelines.relevance.dpo import DPOConfig, DPOWorker, prepare_pairs
     from pipelines.relevance.grpo import GRPOConfig, GRPOWorker, build_prompt_pool
-    from pipelines.relevance.model_card import read_model_card
+    from pipelines.relevance.model_card import read_model_card, write_model_card
     from pipelines.relevance.prompts import format_response
-    from pipelines.relevance.sft import MODEL_CARD, SFTConfig, SFTWorker, prepare_inputs
+    from pipelines.relevance.sft import SFTConfig, SFTWorker, prepare_inputs
 
     rows = tiny_rows(args.pairs)
     shared = {"zero_stage": 2, "dtype": "bfloat16" if bf16 else "float32", "cpus_per_worker": os.cpu_count(),
@@ -101,9 +100,8 @@ def main() -> None:
         timed_steps(sft, args.steps, "sft")
         sft.save_final()
         model_dir = tmp / "sft" / "model"
-        (model_dir / MODEL_CARD).write_text(json.dumps({"response_style": "post_cot", "max_description_chars": 0,
-                                                        "include_instruction": False,
-                                                        "label_ids": loop_cfg["label_ids"]}))
+        write_model_card(model_dir, {"response_style": "post_cot", "max_description_chars": 0,
+                                     "include_instruction": False, "label_ids": loop_cfg["label_ids"]})
 
         import pandas as pd
 

@@ -66,10 +66,11 @@ def main() -> None:
 
     from pipelines.config import build_config
     from pipelines.data.relevance import PrepareConfig, prepare_relevance, read_split
+    from pipelines.relevance.model_card import prompt_settings
     from pipelines.relevance.prompts import build_prompt, prompt_options
     from pipelines.relevance.rationales import generate_rationales
     from pipelines.relevance.scoring import first_token_probs
-    from pipelines.relevance.sft import SFTConfig, SFTWorker, prepare_inputs, prompt_settings
+    from pipelines.relevance.sft import SFTConfig, SFTWorker, prepare_inputs
     from pipelines.training.precision import resolve_dtype
 
     torch.manual_seed(0)

@@ -97,7 +97,7 @@ def bench_served(model_dir: Path, rows, requests: int, dtype: str) -> None:
     import mlflow
     import numpy as np
 
-    from pipelines.relevance.promotion import CHAMPION
+    from pipelines.registry import CHAMPION
     from pipelines.relevance.serving import ServingSettings, log_relevance_model, served_model
     from pipelines.tracking.runs import configure
 

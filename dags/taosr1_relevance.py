@@ -1,6 +1,9 @@
 """TaoSR1 relevance model: one Ray job per stage, from the judgments to the promotion gate.
 
-Wiring only: every task runs `python -m ray_jobs.<stage> taosr1 ...` through RayJobOperator (see operators/).
+Wiring only: the tasks and their dependencies come from the pipeline's stage table
+(`pipelines/relevance/stages.py`, through `operators.dag_tasks`); every task runs `python -m ray_jobs taosr1
+<stage> ...` through RayJobOperator (see operators/). The ablation stages (no-CoT and pre-CoT SFT) run when the
+`ablation` Param is on, the report stage (report.md of every evaluation) when `report` is.
 
 Schedule: weekly (Monday 03:00 UTC) OR whenever the judgments Asset gets an event (new judgments landed: post
 one with `POST /api/v2/assets/events` or from the DAG that writes them), whichever comes first.
@@ -23,41 +26,30 @@ from pathlib import Path
 from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable
 
 from operators.dag_params import data_dir, pipeline_params, stage_args
-from operators.operators.promotion import PromotionOperator
-from operators.operators.ray_job import RayJobOperator
+from operators.dag_tasks import optional_group_params, pipeline_tasks
+from pipelines.relevance.stages import TAOSR1
 
-PIPELINE = "taosr1"
-STAGES = ["prepare", "rationales", "baselines", "sft", "evaluate", "sample", "dpo_pairs", "dpo", "evaluate_dpo",
-          "grpo", "evaluate_grpo", "register", "promote"]
+OPTIONAL_GROUPS = ("ablation", "report")
 DEFAULT_PATH = str(data_dir() / "crowdflower_search_relevance")
 JUDGMENTS = Asset(name="taosr1_judgments", uri=Path(DEFAULT_PATH).as_uri(), group="judgments")
-STAGE_ARGS = stage_args(PIPELINE)
 
 with DAG(
     dag_id="taosr1_relevance",
-    description="TaoSR1: CoT SFT, pass@N + DPO, GRPO, evaluation, registry and promotion gate",
+    description=TAOSR1.help,
     doc_md=__doc__,
     schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 3 * * 1", timezone="UTC"), assets=JUDGMENTS),
     catchup=False,
     max_active_runs=1,
     render_template_as_native_obj=True,
-    params=pipeline_params(stages=STAGES, default_dataset="crowdflower", default_path=DEFAULT_PATH, datasets={
-        "crowdflower": "the CrowdFlower search relevance CSV",
-        "homedepot": "Home Depot's train.csv (rater means cut into levels)",
-        "esci": "an Amazon ESCI folder of examples and products Parquet files",
-        "table": "any CSV/Parquet of judgments (map its columns with prepare.columns.* overrides)"}),
+    params={**pipeline_params(stages=list(TAOSR1.names), default_dataset="crowdflower", default_path=DEFAULT_PATH,
+                              datasets={
+                                  "crowdflower": "the CrowdFlower search relevance CSV",
+                                  "homedepot": "Home Depot's train.csv (rater means cut into levels)",
+                                  "esci": "an Amazon ESCI folder of examples and products Parquet files",
+                                  "table": "any CSV/Parquet of judgments (map its columns with prepare.columns.* "
+                                           "overrides)"}),
+            **optional_group_params(TAOSR1, OPTIONAL_GROUPS)},
     default_args={"retries": 2, "retry_delay": dt.timedelta(minutes=1), "trigger_rule": "none_failed"},
     tags=["searchrel", "taosr1"],
 ) as dag:
-    tasks = {stage: RayJobOperator(task_id=stage, stage=stage, **STAGE_ARGS) for stage in STAGES if stage != "promote"}
-    tasks["promote"] = PromotionOperator(task_id="promote", **STAGE_ARGS)
-
-    tasks["prepare"] >> [tasks["rationales"], tasks["baselines"]]
-    tasks["rationales"] >> tasks["sft"] >> [tasks["evaluate"], tasks["sample"]]
-    tasks["sample"] >> tasks["dpo_pairs"] >> tasks["dpo"] >> [tasks["evaluate_dpo"], tasks["grpo"]]
-    tasks["grpo"] >> tasks["evaluate_grpo"]
-    # Each evaluation compares its model with the baselines stage's lexical predictions (paired over queries).
-    tasks["baselines"] >> [tasks["evaluate"], tasks["evaluate_dpo"], tasks["evaluate_grpo"]]
-    # register takes the last trained model (grpo, else dpo, else sft) with its evaluation; the gate comes last.
-    [tasks["evaluate"], tasks["evaluate_dpo"], tasks["evaluate_grpo"], tasks["baselines"]] >> tasks["register"]
-    tasks["register"] >> tasks["promote"]
+    pipeline_tasks(TAOSR1, stage_args(TAOSR1.name), OPTIONAL_GROUPS)

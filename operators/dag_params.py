@@ -12,32 +12,24 @@ from pathlib import Path
 
 from airflow.sdk import Param
 
+from pipelines.catalog import PIPELINES
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OVERRIDE_PATTERN = r"^[a-z][a-z0-9_]*\.[A-Za-z0-9_.]+=.*$"
 RUN_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 PROFILES = {"tiny": "tiny models built from a config, small data: seconds per stage (tests, the demo)",
             "cpu": "SmolLM2-135M-Instruct / real sizes on one machine's CPUs (an hour or more)",
             "gpu": "full sizes on a GPU cluster"}
-# Job timeouts in minutes, per profile and stage ("*": every other stage): a job that runs longer is stopped and
-# its task fails saying so (a hung job would otherwise hold its DAG, max_active_runs=1, forever). Sized well
-# above what each profile's stages take; a profile YAML may set its own under `<pipeline>.timeouts.<stage>`
-# (a deployment's profile file, or a profile given as a path), and a run may set any stage's with the `timeouts`
-# Param. A profile not listed here (a YAML path) gets the gpu column's.
-STAGE_TIMEOUT_MINUTES: dict[str, dict[str, float]] = {
-    "tiny": {"*": 30},
-    "cpu": {"*": 120, "rationales": 360, "sft": 720, "sample": 360, "dpo": 720, "grpo": 720, "evaluate": 240,
-            "evaluate_dpo": 240, "evaluate_grpo": 240, "promote": 240, "teacher": 240, "search": 480,
-            "retrain": 240},
-    "gpu": {"*": 240, "rationales": 720, "sft": 1440, "sample": 720, "dpo": 1440, "grpo": 2880, "search": 720,
-            "teacher": 480, "retrain": 480},
-}
 MAX_TIMEOUT_MINUTES = 7 * 24 * 60
 
 
-def stage_timeout_minutes(profile: str, stage: str) -> float:
-    """The DAG's default job timeout of `stage` under `profile` (see STAGE_TIMEOUT_MINUTES)."""
-    table = STAGE_TIMEOUT_MINUTES.get(str(profile), STAGE_TIMEOUT_MINUTES["gpu"])
-    return float(table.get(stage, table["*"]))
+def stage_timeout_minutes(pipeline: str, profile: str, stage: str) -> float:
+    """The default job timeout of `stage` under `profile`: its pipeline's stage table says
+    (`pipelines.stage_table.Stage.timeout_minutes`). A pipeline not known yet (a template before rendering): the
+    longest any pipeline gives a stage of that name."""
+    if pipeline in PIPELINES:
+        return PIPELINES[pipeline].job_timeout_minutes(stage, str(profile))
+    return max(table.job_timeout_minutes(stage, str(profile)) for table in PIPELINES.values())
 
 
 def data_dir() -> Path:
@@ -81,8 +73,8 @@ def pipeline_params(*, stages: list[str], datasets: dict[str, str], default_data
                                                 "maximum": MAX_TIMEOUT_MINUTES},
                           description="Stage name -> minutes, e.g. {\"sft\": 90}: a stage's job that runs longer "
                                       "is stopped and its task fails as timed out. Stages not named keep their "
-                                      "defaults: the profile's <pipeline>.timeouts section, else the DAG's table "
-                                      "(operators.dag_params.STAGE_TIMEOUT_MINUTES; tiny: 30 for every stage)."),
+                                      "defaults: the profile's <pipeline>.timeouts section, else the stage table's "
+                                      "(pipelines/*/stages.py; tiny: 30 for every stage)."),
         "force": Param(False, type="boolean", title="Force",
                        description="Redo every stage that runs (--force), even where its output's manifest "
                                    "matches its config and inputs. Unset: finished stages are reused. Clearing a "

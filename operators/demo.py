@@ -10,13 +10,14 @@ import os
 import sys
 from pathlib import Path
 
+from pipelines.cli import print_table
+
 
 def main(dag_ids: list[str]) -> int:
-    from airflow.models.dagrun import DagRun
-    from airflow.utils.session import create_session
+    from airflow.models.dagrun import DagRun  # heavy: loaded only when used
+    from airflow.utils.session import create_session  # heavy: loaded only when used
 
-    from operators.operators.ray_job import path_safe
-    from pipelines.cli import print_table
+    from operators.operators.ray_job import path_safe  # heavy: loads airflow
 
     root = Path(os.environ.get("SEARCHREL_ROOT") or Path.cwd() / "artifacts")
     failed = False

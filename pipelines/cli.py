@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -11,8 +12,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
+from pipelines.catalog import PIPELINES
+from pipelines.config import ConfigError
 from pipelines.env import apply_defaults, default_root
+from pipelines.relevance.report import ablation_rows, summary_rows, write_report
+from pipelines.runner import RunSpec, run_pipeline
+from pipelines.stage import REUSE_STALE_ENV, RunLockedError, stage_dir
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Train, evaluate, serve and promote e-commerce search relevance models.")
@@ -28,8 +37,6 @@ ReuseStaleOpt = Annotated[bool, typer.Option(
 @contextlib.contextmanager
 def _reuse_stale(enabled: bool):
     """`--reuse-stale` for the stages this command runs: through the environment, as a job gets it."""
-    from pipelines.stage import REUSE_STALE_ENV
-
     before = os.environ.get(REUSE_STALE_ENV)
     if enabled:
         os.environ[REUSE_STALE_ENV] = "1"
@@ -48,9 +55,6 @@ def _fail(message: str) -> None:
 
 
 def print_table(title: str, rows: list[dict]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     if not rows:
         return
     table = Table(title=title)
@@ -74,10 +78,8 @@ def prepare(
     reuse_stale: ReuseStaleOpt = False,
 ) -> None:
     """Load, validate, quarantine and split a dataset; print a summary table and log it to MLflow."""
-    from pipelines.config import ConfigError
-    from pipelines.data.prepare import run_prepare, summary_rows
-    from pipelines.data.relevance import DataError
-    from pipelines.stage import RunLockedError
+    from pipelines.data.prepare import run_prepare, summary_rows  # heavy: loads pandas, pyarrow
+    from pipelines.data.relevance import DataError  # heavy: loads pandas, pyarrow
 
     try:
         with _reuse_stale(reuse_stale):
@@ -114,40 +116,51 @@ def run(
     reuse_stale: ReuseStaleOpt = False,
 ) -> None:
     """Run pipeline stages in-process (no Airflow), in order, and print a summary per stage."""
-    from pipelines.config import ConfigError
-    from pipelines.data.relevance import DataError
-    from pipelines.stage import RunLockedError
+    from pipelines.data.relevance import DataError  # heavy: loads pandas, pyarrow
 
-    if pipeline == "autofas":
-        from pipelines.preranking.pipeline import cli_run
-
-        try:
-            with _reuse_stale(reuse_stale):
-                cli_run(run_key=run_key, dataset=dataset, path=path, stages=stages, profile=profile,
-                        overrides=set_ or [], root=(root or default_root()).resolve(), force=force,
-                        print_table=print_table)
-        except (ConfigError, ValueError, FileNotFoundError, RunLockedError) as err:
-            _fail(str(err))
-        return
-    if pipeline != "taosr1":
-        _fail(f"unknown pipeline {pipeline!r}; available: taosr1, autofas")
-    from pipelines.relevance.pipeline import RunSpec, run_taosr1
-
+    if pipeline not in PIPELINES:
+        _fail(f"unknown pipeline {pipeline!r}; available: {', '.join(PIPELINES)}")
     spec = RunSpec(run_key=run_key, root=(root or default_root()).resolve(), dataset=dataset,
                    path=path.resolve() if path else None, profile=profile, overrides=set_ or [], force=force)
     try:
         with _reuse_stale(reuse_stale):
-            results = run_taosr1(spec, [s.strip() for s in stages.split(",") if s.strip()])
+            results = run_pipeline(pipeline, spec, [s.strip() for s in stages.split(",") if s.strip()])
     except (ConfigError, DataError, ValueError, FileNotFoundError, RunLockedError) as err:
         _fail(str(err))
-    rows = [{"stage": name, "state": r.state, "output": str(r.path)} for name, r in results.items()]
-    print_table(f"{pipeline} / {run_key}", rows)
-    from pipelines.relevance.report import ablation_rows
+    print_table(f"{pipeline} / {run_key}", [{"stage": name, "state": r.state, "output": str(r.path)}
+                                            for name, r in results.items()])
+    if pipeline == "taosr1":
+        _print_taosr1_summary(spec)
+    else:
+        _print_autofas_summary(spec, results)
 
-    table = ablation_rows(spec.root, run_key)
+
+def _print_taosr1_summary(spec) -> None:
+    table = ablation_rows(spec.root, spec.run_key)
     if table:
         keep = ("model", "accuracy", "macro_f1", "qwk", "nDCG@10", "tier F1 CumPT")
         print_table("test metrics (full table: searchrel report)", [{k: r[k] for k in keep} for r in table])
+
+
+def _print_autofas_summary(spec, results) -> None:
+    """The report's table, the registered version and the gate's decision, for the stages that ran."""
+    from pipelines.preranking.report import table_rows  # heavy: loads pandas, pyarrow
+
+    report_json = stage_dir(spec.root, "autofas", spec.run_key, "report") / "report.json"
+    if report_json.exists():
+        rep = json.loads(report_json.read_text())
+        k = next((int(key.split("@")[1]) for key in rep["rows"][0] if key.startswith("recall@")), 10)
+        keep = ("model", "features", "layers", "test AUC", "95% CI", "latency us", f"recall@{k}", "front")
+        print_table("test AUC and latency (us per 1,000 candidates); full table: report/report.md",
+                    [{c: r[c] for c in keep} for r in table_rows(rep, k)])
+    if "register" in results:
+        s = results["register"].summary
+        print_table("registered", [{"model": s["model"], "name": s["model_name"], "version": s["version"],
+                                    "alias": s["alias"], "within budget": s["within_budget"]}])
+    if "promote" in results:
+        s = results["promote"].summary
+        print_table("promotion", [{"challenger": s["challenger"], "champion before": s["champion_before"] or "-",
+                                   "promoted": s["promoted"], "reason": s["reason"]}])
 
 
 @app.command()
@@ -160,7 +173,7 @@ def evaluate(
     set_: SetOpt = None,
 ) -> None:
     """Score a trained model on any judgment file; print the metrics as JSON."""
-    from pipelines.relevance.evaluation import evaluate_model
+    from pipelines.relevance.evaluation import evaluate_model  # heavy: loads mlflow, pandas
 
     try:
         metrics = evaluate_model(model, dataset, path, split, profile, set_ or [])
@@ -179,12 +192,6 @@ def report(
 ) -> None:
     """Write the full report (Markdown, and an artifact of the run's MLflow parent run) and print its summary:
     each model's macro-F1 and QWK, its macro-F1 difference from the lexical baseline and the verdict."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    from pipelines.relevance.report import summary_rows, write_report
-
     resolved = (root or default_root()).resolve()
     try:
         path, rows = write_report(resolved, run_key)
@@ -225,7 +232,7 @@ def score(
     root: RootOpt = None,
 ) -> None:
     """Batch-score a table through Ray Data; a bad row gets an error column, not a failed job."""
-    from pipelines.relevance.batch_scoring import score_file
+    from pipelines.relevance.batch_scoring import score_file  # heavy: loads pandas, pyarrow
 
     if root:
         os.environ["SEARCHREL_ROOT"] = str(root)
@@ -256,15 +263,15 @@ def serve(
     root: RootOpt = None,
 ) -> None:
     """Serve models:/NAME@ALIAS over REST: MLflow's scoring server, with request limits (pipelines.scoring_server)."""
-    from pipelines.scoring_server import (
+    from pipelines.scoring_server import (  # heavy: loads mlflow, pandas
         ENV_MANAGERS,
         MAX_BODY_BYTES_ENV,
         MAX_ROWS_ENV,
         OTHER_ENV_NOTE,
         serve_in_env,
     )
-    from pipelines.scoring_server import serve as serve_model
-    from pipelines.tracking.runs import redacted, tracking_uri
+    from pipelines.scoring_server import serve as serve_model  # heavy: loads mlflow, pandas
+    from pipelines.tracking.runs import redacted, tracking_uri  # heavy: loads mlflow, pandas
 
     if env_manager not in ENV_MANAGERS:
         _fail(f"--env-manager must be one of {', '.join(ENV_MANAGERS)}, not {env_manager!r}")
@@ -284,7 +291,7 @@ def serve(
                "(Ctrl-C to stop)")
     if env_manager != "local":
         typer.echo(OTHER_ENV_NOTE.format(env_manager=env_manager))
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # heavy: loaded only when used
 
     try:
         if env_manager == "local":
@@ -304,9 +311,9 @@ def rollback(
         help="Seconds to wait for a promotion or rollback of the same model to finish.")] = 600.0,
 ) -> None:
     """Move the `champion` alias back to the version that held it before."""
-    from pipelines.relevance.promotion import RegistryLockTimeout
-    from pipelines.relevance.promotion import rollback as do_rollback
-    from pipelines.tracking.runs import use_store
+    from pipelines.registry import RegistryLockTimeout  # heavy: loads mlflow, pandas
+    from pipelines.registry import rollback as do_rollback  # heavy: loads mlflow, pandas
+    from pipelines.tracking.runs import use_store  # heavy: loads mlflow, pandas
 
     root = root or default_root()
     use_store(root)
@@ -325,7 +332,7 @@ def ui(
     port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
 ) -> None:
     """Start the MLflow UI on the embedded store (127.0.0.1 by default)."""
-    from pipelines.tracking.runs import redacted, tracking_uri
+    from pipelines.tracking.runs import redacted, tracking_uri  # heavy: loads mlflow, pandas
 
     root = root or default_root()
     uri = tracking_uri(root)
@@ -338,8 +345,6 @@ def ui(
 
 def _setup() -> None:
     apply_defaults()
-    import logging
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("alembic", "mlflow", "ray", "urllib3", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

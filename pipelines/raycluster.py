@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
+
+from pipelines.env import apply_defaults
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
-    import ray
+    import ray  # heavy: loaded only when used
 
     if ray.is_initialized():
         return
-    from pipelines.env import apply_defaults
-
     apply_defaults()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
@@ -30,6 +31,4 @@ def quiet_worker_logs() -> None:
     Ray on the machine (two stage jobs, or a job and a test) that fails ("Found multiple active Ray instances")
     and it warns about once a second for the whole of training. Errors still get through.
     """
-    import logging
-
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)

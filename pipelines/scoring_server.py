@@ -17,13 +17,22 @@ Settings come from the environment of the server, which `searchrel serve --max-b
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
+import mlflow.artifacts
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import REQUEST_LIMIT_EXCEEDED
+from packaging.version import Version
 
 MODEL_PATH_ENV = "SEARCHREL_SERVE_MODEL_PATH"
 MAX_BODY_BYTES_ENV = "SEARCHREL_SERVE_MAX_BODY_BYTES"
@@ -158,7 +167,7 @@ async def _refuse(send, message: str) -> None:
 
 def build_app(model_path: str, limits: RequestLimits | None = None):
     """MLflow's scoring app for the pyfunc model at `model_path`, behind the body-size limit."""
-    from mlflow.pyfunc import scoring_server
+    from mlflow.pyfunc import scoring_server  # heavy: loaded only when used
 
     limits = limits or RequestLimits.from_env()
     model = scoring_server.load_model_with_mlflow_config(model_path)
@@ -177,12 +186,6 @@ def serve(model_uri: str, *, host: str, port: int, workers: int, env: dict[str, 
     """Download `model_uri` (with the tracking settings in `env`) and serve it until the server exits; returns
     its exit code. `mlflow models serve --env-manager local` does the same with MLflow's app; this runs
     :func:`create_app`, MLflow's app behind the limits, in uvicorn (the server `mlflow models serve` runs)."""
-    import subprocess
-    import sys
-    import tempfile
-
-    import mlflow.artifacts
-
     limits = RequestLimits.from_env(env)  # a bad value fails here, not in every worker
     with tempfile.TemporaryDirectory(prefix="searchrel-serve-") as tmp:
         local = mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp,
@@ -197,8 +200,6 @@ def serve(model_uri: str, *, host: str, port: int, workers: int, env: dict[str, 
 def _run_server(server) -> int:
     """Wait for a server process to exit; returns its exit code. SIGTERM to this process stops the server first
     (the default action would end this process at once and leave the server, and a downloaded model, behind)."""
-    import signal
-
     previous = signal.signal(signal.SIGTERM, lambda signum, _: server.send_signal(signum))
     try:
         while True:
@@ -222,8 +223,6 @@ OTHER_ENV_NOTE = ("--env-manager {env_manager}: `mlflow models serve` runs the m
 
 def mlflow_serve_command(model_uri: str, *, env_manager: str, host: str, port: int, workers: int) -> list[str]:
     """The `mlflow models serve` command line `serve_in_env` runs (this environment's mlflow)."""
-    import sys
-
     if env_manager not in ENV_MANAGERS:
         raise ValueError(f"--env-manager must be one of {', '.join(ENV_MANAGERS)}, not {env_manager!r}")
     return [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", env_manager,
@@ -234,8 +233,6 @@ def serve_in_env(model_uri: str, *, env_manager: str, host: str, port: int, work
                  env: dict[str, str]) -> int:
     """`mlflow models serve --env-manager ENV_MANAGER` of `model_uri` with the environment `env` (the tracking
     and registry URIs, $SEARCHREL_SERVE_MAX_ROWS), until it exits; returns its exit code."""
-    import subprocess
-
     RequestLimits.from_env(env)  # a bad $SEARCHREL_SERVE_MAX_ROWS fails here, not when the model loads
     cmd = mlflow_serve_command(model_uri, env_manager=env_manager, host=host, port=port, workers=workers)
     return _run_server(subprocess.Popen(cmd, env=env))
@@ -266,8 +263,6 @@ def _module_file(name: str) -> Path | None:
 def _import_time_imports(path: Path, module: str) -> set[str]:
     """The module names a file imports when it is imported: every import statement outside function bodies
     (inside classes, `if` and `try` blocks too), with `from a import b` giving both `a` and `a.b`."""
-    import ast
-
     names: set[str] = set()
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
 
@@ -318,8 +313,6 @@ def code_closure(roots: list[str]) -> list[str]:
 def stage_code(roots: list[str], dest: Path) -> Path:
     """Copy the modules of `code_closure(roots)` under `dest`, keeping the package layout; returns
     `dest/pipelines`, the folder to log as the model's `code_paths` entry (MLflow stores it as code/pipelines)."""
-    import shutil
-
     for name in code_closure(roots):
         source = _module_file(name)
         target = Path(dest) / source.relative_to(_PACKAGE_DIR.parent)
@@ -331,8 +324,4 @@ def stage_code(roots: list[str], dest: Path) -> Path:
 def pinned_requirements(distributions: list[str]) -> list[str]:
     """`name==version` of each distribution as installed in this environment, the way MLflow pins: without a
     local version label (torch's `+cpu`), which no package index but PyTorch's own serves."""
-    from importlib.metadata import version
-
-    from packaging.version import Version
-
     return [f"{name}=={Version(version(name)).public}" for name in distributions]

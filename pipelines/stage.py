@@ -38,25 +38,19 @@ import logging
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from pipelines.config import to_dict
-from pipelines.env import REPO_ROOT
+from pipelines.provenance import git_commit, package_versions
 from pipelines.stage_code import changed_files, code_digest, stage_code
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-TRACKED_PACKAGES = (
-    "searchrel", "torch", "transformers", "deepspeed", "ray", "mlflow", "pyarrow", "apache-airflow", "numpy",
-    "pandas", "scikit-learn", "peft", "tokenizers",
-)
 _CHUNK = 1 << 20
 # Set (to 1) where a command or job was asked to reuse stages whose code changed: `--reuse-stale`, a job's env.
 REUSE_STALE_ENV = "SEARCHREL_REUSE_STALE"
@@ -88,27 +82,6 @@ def config_digest(config: Any) -> str:
     payload = json.dumps(to_dict(config) if dataclasses.is_dataclass(config) else config, sort_keys=True,
                          default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10, check=True)
-        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def package_versions() -> dict[str, str]:
-    versions = {}
-    for name in TRACKED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
 
 
 @dataclasses.dataclass
@@ -325,7 +298,7 @@ def _run_locked(root, pipeline, run_key, stage, config, inputs, input_digests, c
     started = dt.datetime.now(dt.UTC)
     try:
         if tracking:
-            from pipelines.tracking import runs
+            from pipelines.tracking import runs  # heavy: loads mlflow, pandas
 
             with runs.stage_run(root, pipeline, run_key, stage) as mlflow_run_id:
                 ctx.mlflow_run_id = mlflow_run_id

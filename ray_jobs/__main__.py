@@ -1,10 +1,6 @@
-"""`python -m ray_jobs <stage> <pipeline> --run-key K ...`: the same as `python -m ray_jobs.<stage> ...`."""
+"""`python -m ray_jobs <pipeline> <stage> --run-key KEY [options]`: see `ray_jobs.entry`."""
 
-import sys
-
-from ray_jobs._entry import main
+from ray_jobs.entry import main
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit("usage: python -m ray_jobs <stage> <pipeline> --run-key KEY [options of `searchrel run`]")
-    main(sys.argv[1], sys.argv[2:])
+    main()

@@ -217,7 +217,7 @@ def test_trigger_a_tiny_run_from_the_browser(chromium, standalone, shared_data):
         assert {s for t, s in states.items() if t != "prepare"} == {"skipped"}
         log = api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/prepare/logs/1")
         text = json.dumps(log)
-        assert "submitted: python -m ray_jobs.prepare taosr1" in text
+        assert "submitted: python -m ray_jobs taosr1 prepare" in text
         assert "[local job] exited with status 0" in text  # the job's own output, streamed by the trigger
     finally:
         driver.quit()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,7 +12,7 @@ from pathlib import Path
 import pytest
 from airflow_support import DAGS, REPO_ROOT, airflow_db, load_dag  # noqa: F401
 
-from operators.hooks import local_job
+from operators.hooks import local_job, warm_jobs
 from operators.operators.ray_job import path_safe, submission_id
 
 ISSUE_ORDER = {
@@ -56,7 +54,6 @@ def test_stage_order_and_entry_points(dag_id):
         upstream = dag.get_task(after).get_flat_relative_ids(upstream=True)
         assert before in upstream, f"{dag_id}: {before} must run before {after}"
     for task in dag.tasks:
-        assert importlib.util.find_spec(task.module) is not None, f"{task.module} is missing"
         assert task.trigger_rule == "none_failed"
         assert task.execution_timeout is not None  # the job's own timeout + a grace (tests/test_job_safety.py)
         assert task.retries >= 1
@@ -65,22 +62,23 @@ def test_stage_order_and_entry_points(dag_id):
 
 
 @pytest.mark.parametrize("dag_id", sorted(ISSUE_ORDER))
-def test_every_task_stage_exists_in_its_pipeline(dag_id):
-    """A misspelled or missing stage fails its task when it runs (ray_jobs/_entry.py exits 2); catch it earlier:
-    every Ray job task's stage must be in its pipeline's STAGE_FUNCTIONS, and its entry module must run it."""
+def test_the_dag_is_its_pipelines_stage_table(dag_id):
+    """One task per stage of the pipeline's table, each after the stages the table says it reads, each a job
+    the entry point can run (`python -m ray_jobs <pipeline> <stage>`: the stage exists and its body imports)."""
     from operators.operators.ray_job import RayJobOperator
-    from ray_jobs._entry import PIPELINE_MODULES
+    from pipelines.catalog import PIPELINES
+    from ray_jobs.entry import check_stage
 
     dag = load_dag(dag_id)
     jobs = [t for t in dag.tasks if isinstance(t, RayJobOperator)]
-    assert jobs, f"{dag_id} has no Ray job tasks"
-    for task in jobs:
-        assert task.pipeline in PIPELINE_MODULES, f"{dag_id}.{task.task_id}: unknown pipeline {task.pipeline!r}"
-        stages = importlib.import_module(PIPELINE_MODULES[task.pipeline]).STAGE_FUNCTIONS
-        assert task.stage in stages, (f"{dag_id}.{task.task_id}: pipeline {task.pipeline!r} has no stage "
-                                      f"{task.stage!r} (it has {sorted(stages)})")
-        entry = REPO_ROOT / "ray_jobs" / f"{task.stage}.py"
-        assert f'main("{task.stage}")' in entry.read_text(), f"{entry} does not run stage {task.stage!r}"
+    assert len(jobs) == len(dag.tasks), f"{dag_id} has tasks that are not Ray jobs"
+    table = PIPELINES[jobs[0].pipeline]
+    assert sorted(dag.task_ids) == sorted(table.names)
+    for stage in table.stages:
+        task = dag.get_task(stage.name)
+        assert task.stage == stage.name and task.module == "ray_jobs"
+        assert set(task.upstream_task_ids) == set(stage.upstream), f"{dag_id}.{stage.name}"
+        check_stage(table.name, stage.name)
 
 
 @pytest.mark.parametrize("dag_id", sorted(ISSUE_ORDER))
@@ -157,7 +155,7 @@ def _probe(*args: str) -> list[str]:
 def test_local_job_stop_ends_every_process_of_the_job(tmp_path, warm):
     job = tmp_path / "j2"
     # The job starts a grandchild in its own process group, as Ray workers are; stopping must reach it too.
-    local_job.submit(job, _probe("--spawn", "--sleep", "600"), cwd=str(REPO_ROOT), warm=warm)
+    (warm_jobs.submit if warm else local_job.submit)(job, _probe("--spawn", "--sleep", "600"), cwd=str(REPO_ROOT))
     deadline = time.time() + 120
     while "child" not in local_job.read_log(job)[0] and time.time() < deadline:
         time.sleep(0.1)
@@ -183,24 +181,23 @@ def test_warm_job_is_forked_with_the_callers_environment_cwd_and_exit_status(tmp
     monkeypatch.setenv("PROBE_VALUE", "from-the-caller")
     jobs = [tmp_path / f"w{i}" for i in range(2)]
     for i, job in enumerate(jobs):
-        assert local_job.submit(job, _probe("--exit", str(3 * i), "x y"), cwd=str(REPO_ROOT), warm=True) is True
+        assert warm_jobs.submit(job, _probe("--exit", str(3 * i), "x y"), cwd=str(REPO_ROOT)) is True
     assert [_wait_terminal(job, timeout=180) for job in jobs] == ["SUCCEEDED", "FAILED"]
     assert local_job.return_code(jobs[1]) == 3
     text = local_job.read_log(jobs[1])[0]
     assert "started warm: forked from the job server" in text
     assert f"probe warm=True cwd={REPO_ROOT} probe_env=from-the-caller argv=['--exit', '3', 'x y']" in text
     assert "probe stderr line" in text
-    assert local_job.submit(jobs[0], _probe(), warm=True) is False  # same id: no 2nd job
+    assert warm_jobs.submit(jobs[0], _probe()) is False  # same id: no 2nd job
 
 
 def test_warm_server_survives_malformed_and_silent_clients_and_jobs_hold_no_socket(tmp_path):
     import json
     import socket
 
-    from operators.hooks import warm_jobs
 
     first = tmp_path / "first"
-    assert local_job.submit(first, _probe("--fds"), cwd=str(REPO_ROOT), warm=True)
+    assert warm_jobs.submit(first, _probe("--fds"), cwd=str(REPO_ROOT))
     assert _wait_terminal(first, timeout=180) == "SUCCEEDED"
     assert "started warm" in local_job.read_log(first)[0] and "sockets=0" in local_job.read_log(first)[0]
     assert (first.stat().st_mode & 0o777, (first / "spec.json").stat().st_mode & 0o777,
@@ -219,7 +216,7 @@ def test_warm_server_survives_malformed_and_silent_clients_and_jobs_hold_no_sock
             replies.append(conn.makefile("rb").readline())
     assert all(reply.startswith(b"error") for reply in replies), replies
     second = tmp_path / "second"
-    local_job.submit(second, _probe(), cwd=str(REPO_ROOT), warm=True)
+    warm_jobs.submit(second, _probe(), cwd=str(REPO_ROOT))
     assert _wait_terminal(second, timeout=60) == "SUCCEEDED"
     assert "started warm" in local_job.read_log(second)[0]  # the same server, still serving
     silent.close()
@@ -227,14 +224,14 @@ def test_warm_server_survives_malformed_and_silent_clients_and_jobs_hold_no_sock
 
 def test_warm_start_falls_back_to_a_cold_start(tmp_path, monkeypatch):
     monkeypatch.setenv("SEARCHREL_WARM_JOBS", "0")
-    local_job.submit(tmp_path / "off", _probe(), cwd=str(REPO_ROOT), warm=True)
+    warm_jobs.submit(tmp_path / "off", _probe(), cwd=str(REPO_ROOT))
     monkeypatch.delenv("SEARCHREL_WARM_JOBS")
-    local_job.submit(tmp_path / "script", [sys.executable, "-c", "print('not a module')"], warm=True)
+    warm_jobs.submit(tmp_path / "script", [sys.executable, "-c", "print('not a module')"])
     open_dir = tmp_path / "shared-sockets"
     open_dir.mkdir(mode=0o755)
     open_dir.chmod(0o755)  # others may enter: no server sockets there
     monkeypatch.setenv("SEARCHREL_WARM_DIR", str(open_dir))
-    local_job.submit(tmp_path / "open", _probe(), cwd=str(REPO_ROOT), warm=True)
+    warm_jobs.submit(tmp_path / "open", _probe(), cwd=str(REPO_ROOT))
     for name in ("off", "script", "open"):
         assert _wait_terminal(tmp_path / name) == "SUCCEEDED"
         assert "started warm" not in local_job.read_log(tmp_path / name)[0]
@@ -243,7 +240,6 @@ def test_warm_start_falls_back_to_a_cold_start(tmp_path, monkeypatch):
 
 
 def test_warm_server_fingerprint_follows_code_and_import_time_environment(tmp_path, monkeypatch):
-    from operators.hooks import warm_jobs
 
     (tmp_path / "pipelines").mkdir()
     module = tmp_path / "pipelines" / "stage.py"

@@ -187,7 +187,7 @@ def test_the_entrypoint_resources_are_arguments_of_rays_submit_job():
     bound = inspect.signature(JobSubmissionClient.submit_job).bind(object(), **request).arguments
     assert (bound["entrypoint_num_cpus"], bound["entrypoint_num_gpus"], bound["entrypoint_memory"],
             bound["entrypoint_resources"]) == (2, 1, 2 * 2**30, {"a100": 1})
-    assert bound["entrypoint"].startswith("/opt/venv/bin/python -m ray_jobs.evaluate taosr1 --run-key run")
+    assert bound["entrypoint"].startswith("/opt/venv/bin/python -m ray_jobs taosr1 evaluate --run-key run")
 
 
 # ----------------------------------------------------------------------------------- cleared versus retried

@@ -158,12 +158,12 @@ def test_tiny_pipeline_end_to_end(root, ray_local):
     import mlflow
     import pandas as pd
 
-    from pipelines.preranking.pipeline import RunSpec, run_autofas
     from pipelines.preranking.serving import score_frame
+    from pipelines.runner import RunSpec, run_pipeline
     from pipelines.tracking import runs
 
     spec = RunSpec(run_key="e2e", root=root, dataset="synthetic", profile="tiny")
-    results = run_autofas(spec)
+    results = run_pipeline("autofas", spec)
     assert list(results) == ["prepare", "teacher", "latency", "search", "retrain", "report", "register", "promote"]
 
     teacher = results["teacher"]
@@ -200,13 +200,13 @@ def test_tiny_pipeline_end_to_end(root, ray_local):
     np.testing.assert_allclose(pyfunc.predict(rows)["score"].to_numpy(), score_frame(local, data_spec, rows),
                                rtol=1e-6)
 
-    again = run_autofas(spec)
+    again = run_pipeline("autofas", spec)
     assert all(r.skipped for r in again.values())
     from dataclasses import replace
 
-    from pipelines.preranking.pipeline import STAGE_FUNCTIONS
+    from pipelines.runner import run_pipeline
 
-    redone = STAGE_FUNCTIONS["register"](replace(spec, force=True))  # as an Airflow retry of the task would
+    redone = run_pipeline("autofas", replace(spec, force=True), ["register"])["register"]  # as an Airflow retry of the task would
     assert not redone.skipped and redone.summary["version"] == reg["version"]
     assert len(client.search_model_versions("name = 'searchrel-autofas'")) == 1
 
@@ -222,11 +222,11 @@ def _check_promotion(spec, results, client, rows):
     import yaml
 
     from pipelines.config import ConfigError, load_profile
-    from pipelines.preranking.pipeline import STAGE_FUNCTIONS
     from pipelines.preranking.promotion import PromoteConfig, promote_version
     from pipelines.preranking.serving import log_preranker
     from pipelines.preranking.training import auc, load_click_data, predict, read_spec
-    from pipelines.relevance.promotion import TAG_DECISION, rollback
+    from pipelines.registry import TAG_DECISION, rollback
+    from pipelines.runner import run_pipeline
 
     name, cfg = "searchrel-autofas", PromoteConfig()
     reg = results["register"].summary
@@ -255,17 +255,17 @@ def _check_promotion(spec, results, client, rows):
         # the bars (a changed config reruns the stage).
         # (Gate settings come from a profile, never from overrides: a deployment's own profile file.)
         with pytest.raises(ConfigError, match="promote.first_baseline is a promotion-gate setting"):
-            STAGE_FUNCTIONS["promote"](replace(spec, overrides=["promote.first_baseline=none"]))
+            run_pipeline("autofas", replace(spec, overrides=["promote.first_baseline=none"]), ["promote"])["promote"]
         profile = load_profile("tiny")
         profile["autofas"]["promote"] = {**profile["autofas"].get("promote", {}), "first_baseline": "none",
                                          "latency_budget_us": 1e9}
         path = spec.root / "bootstrap-profile.yaml"
         path.write_text(yaml.safe_dump(profile))
-        first = STAGE_FUNCTIONS["promote"](replace(spec, profile=str(path)))
+        first = run_pipeline("autofas", replace(spec, profile=str(path)), ["promote"])["promote"]
         assert first.summary["promoted"] and "no AUC bar" in first.summary["reason"], first.summary
     assert str(client.get_model_version_by_alias(name, "champion").version) == reg["version"]
 
-    again = STAGE_FUNCTIONS["promote"](replace(spec, force=True))
+    again = run_pipeline("autofas", replace(spec, force=True), ["promote"])["promote"]
     assert again.summary["reason"] == "already champion" and not again.summary["promoted"]
 
     # A second version (the logistic baseline) against the champion: both measured on the same rows.

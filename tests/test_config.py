@@ -10,7 +10,7 @@ from pipelines.config import (
     load_stage_config,
     parse_overrides,
 )
-from pipelines.data.relevance import PrepareConfig
+from pipelines.data.config import PrepareConfig
 
 
 @dataclass
@@ -77,30 +77,21 @@ def test_profiles_load_for_every_stage(profile):
 
 
 @pytest.mark.parametrize("profile", ["tiny", "cpu", "gpu"])
-def test_every_profile_section_validates_against_its_stage_config(profile, tmp_path):
+def test_every_profile_section_validates_against_its_stage_config(profile):
     """Every section a profile holds is read by some stage, and every stage's config builds from it."""
-    from pipelines.preranking import pipeline as autofas
-    from pipelines.relevance import pipeline as taosr1
+    from pipelines.catalog import PIPELINES
 
     sections = load_profile(profile)
-    for module, name in ((taosr1, "taosr1"), (autofas, "autofas")):
-        stages = taosr1.ALL_STAGES if module is taosr1 else autofas.STAGES
-        used = set()
-        for stage in stages:
-            spec = taosr1.RunSpec(run_key="k", root=tmp_path, profile=profile,
-                                  dataset="crowdflower" if module is taosr1 else "synthetic")
-            config = module.stage_config(stage, spec)  # raises ConfigError on a bad or unknown key
-            assert config is not None
-            used.add(stage.removesuffix("_no_cot").removesuffix("_pre_cot"))
-        unread = set(sections.get(name) or {}) - used - {"dpo_pairs", "entrypoint"}
+    for name, table in PIPELINES.items():
+        for stage in table.stages:  # raises ConfigError on a bad or unknown key
+            assert table.config(stage.name, profile=profile, overrides=[]) is not None
+        used = {stage.config_section for stage in table.stages}
+        unread = set(sections.get(name) or {}) - used - {"entrypoint", "timeouts"}
         assert not unread, f"{profile}.yaml {name}: sections no stage reads: {sorted(unread)}"
 
 
 def test_the_gpu_profile_puts_every_training_and_sampling_stage_on_gpus():
-    from pipelines.relevance.dpo import DPOConfig
-    from pipelines.relevance.grpo import GRPOConfig
-    from pipelines.relevance.sampling import SampleConfig
-    from pipelines.relevance.sft import SFTConfig
+    from pipelines.relevance.config import DPOConfig, GRPOConfig, SampleConfig, SFTConfig
 
     for cls, stage in ((SFTConfig, "sft"), (DPOConfig, "dpo"), (GRPOConfig, "grpo"), (SampleConfig, "sample")):
         config = load_stage_config(cls, "taosr1", stage, "gpu")

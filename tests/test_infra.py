@@ -136,8 +136,8 @@ def test_validators_reject_broken_manifests(render, values, ray_schema):
 
 def test_cluster_fits_the_gpu_profile(render, values):
     """The GPU worker group can place the gpu profile's Ray Train workers and sampling actors."""
-    from pipelines.relevance.pipeline import ALL_STAGES
-    from pipelines.relevance.sft import SFTConfig
+    from pipelines.relevance.config import SFTConfig
+    from pipelines.relevance.stages import TAOSR1
 
     sft = load_stage_config(SFTConfig, "taosr1", "sft", "gpu")
     sample = load_profile("gpu")["taosr1"]["sample"]
@@ -155,7 +155,7 @@ def test_cluster_fits_the_gpu_profile(render, values):
     # The RayJob runs a real stage of a real profile, as `searchrel run` parses it.
     argv = shlex.split(render.rayjob(values)["spec"]["entrypoint"])
     assert argv[:3] == ["searchrel", "run", "taosr1"]
-    assert argv[argv.index("--stages") + 1] in ALL_STAGES
+    assert argv[argv.index("--stages") + 1] in TAOSR1.names
     load_profile(argv[argv.index("--profile") + 1])
 
 
@@ -318,7 +318,7 @@ def _subset(small, big, where="") -> list[str]:
 @pytest.mark.parametrize("stage,name", [(3, "zero3.json"), (2, "zero2.json")])
 def test_deepspeed_files_agree_with_the_gpu_profile(stage, name):
     """What sft.deepspeed_config builds from the gpu profile at its world size is in the file, unchanged."""
-    from pipelines.relevance.sft import SFTConfig
+    from pipelines.relevance.config import SFTConfig
     from pipelines.training.runtime import deepspeed_config
 
     sft = load_stage_config(SFTConfig, "taosr1", "sft", "gpu",
@@ -331,7 +331,7 @@ def test_deepspeed_files_agree_with_the_gpu_profile(stage, name):
 
 
 def test_a_deepspeed_file_that_contradicts_the_profile_is_refused():
-    from pipelines.relevance.sft import SFTConfig
+    from pipelines.relevance.config import SFTConfig
     from pipelines.training.runtime import deepspeed_config
 
     sft = load_stage_config(SFTConfig, "taosr1", "sft", "gpu", ["sft.zero_stage=2"])  # file says ZeRO-3

@@ -186,8 +186,8 @@ def test_timeouts_come_from_the_run_the_profile_the_task_or_the_dag(tmp_path):
     def resolved(**kwargs):
         return RayJobOperator(task_id="sft", stage="sft", pipeline="taosr1", **kwargs).resolve_job_timeout()
 
-    assert resolved(profile="tiny") == (30 * 60, "the DAG's default for profile tiny "
-                                                 "(operators.dag_params.STAGE_TIMEOUT_MINUTES)")
+    assert resolved(profile="tiny") == (30 * 60, "the stage table's default for profile tiny "
+                                                 "(taosr1.sft.timeout_minutes)")
     assert resolved(profile="gpu")[0] == 24 * 3600
     assert resolved(profile="tiny", job_timeout=timedelta(minutes=5))[0] == 300
     assert resolved(profile="tiny", job_timeout=5, timeouts={"sft": 1.5}) == (90, "the run's timeouts Param (sft)")

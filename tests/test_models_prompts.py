@@ -204,7 +204,8 @@ def test_the_match_hint_names_found_and_missing_query_words(tiny):
 def test_a_model_card_rebuilds_the_prompt_its_model_was_trained_on(tiny):
     """Every reader of a model (evaluate, sample, GRPO, serving) builds prompts from its card: the card the
     SFT stage writes gives the training prompt, and a card from before a setting existed its old default."""
-    from pipelines.relevance.sft import SFTConfig, prompt_settings
+    from pipelines.relevance.config import SFTConfig
+    from pipelines.relevance.model_card import prompt_settings
 
     _, tok = tiny
     config = SFTConfig(max_description_chars=40, include_instruction=False, match_hint=True)

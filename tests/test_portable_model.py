@@ -61,6 +61,7 @@ def registered(tmp_path_factory):
     from pipelines.preranking.models import Student
     from pipelines.preranking.models import save_model as save_preranker
     from pipelines.preranking.serving import log_preranker
+    from pipelines.registry import register_version
     from pipelines.relevance.models import (
         ModelConfig,
         build_tiny_model,
@@ -68,7 +69,6 @@ def registered(tmp_path_factory):
         label_token_ids,
         save_model,
     )
-    from pipelines.relevance.promotion import register_version
     from pipelines.relevance.prompts import INSTRUCTION, build_prompt
     from pipelines.relevance.serving import ServingSettings, log_relevance_model
     from pipelines.tracking.runs import configure

@@ -86,7 +86,7 @@ def test_a_bad_dtype_is_refused_naming_the_choices(cache):
         build_config(TrainingConfig, "sft", {"dtype": "fp16"})
     with pytest.raises(ConfigError, match=r"sft\.bf16: unknown key"):  # the old TRL-named field is gone
         build_config(TrainingConfig, "sft", {"bf16": True})
-    from pipelines.relevance.pipeline import EvaluateConfig
+    from pipelines.relevance.config import EvaluateConfig
 
     with pytest.raises(ConfigError, match=r"evaluate\.dtype: .*'auto'"):
         build_config(EvaluateConfig, "evaluate", {"dtype": "float16"})
@@ -150,12 +150,14 @@ def test_the_choice_and_both_peaks_go_to_the_stage_run(root, cache, monkeypatch)
 
 
 def test_profiles_cpu_is_auto_tiny_float32_gpu_bfloat16():
-    from pipelines.relevance.dpo import DPOConfig
-    from pipelines.relevance.grpo import GRPOConfig
-    from pipelines.relevance.pipeline import EvaluateConfig
-    from pipelines.relevance.promotion import RegisterConfig
-    from pipelines.relevance.sampling import SampleConfig
-    from pipelines.relevance.sft import SFTConfig
+    from pipelines.relevance.config import (
+        DPOConfig,
+        EvaluateConfig,
+        GRPOConfig,
+        RegisterConfig,
+        SampleConfig,
+        SFTConfig,
+    )
 
     stages = ((SFTConfig, "sft"), (DPOConfig, "dpo"), (GRPOConfig, "grpo"), (EvaluateConfig, "evaluate"),
               (SampleConfig, "sample"), (RegisterConfig, "register"))

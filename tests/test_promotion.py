@@ -10,9 +10,11 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
+from pipelines import registry
+from pipelines.registry import CHAMPION
 from pipelines.relevance import promotion
 from pipelines.relevance.metrics import classification_metrics, paired_bootstrap
-from pipelines.relevance.promotion import CHAMPION, PromoteConfig, gate, promote
+from pipelines.relevance.promotion import PromoteConfig, gate, promote
 
 N_QUERIES, PER_QUERY = 40, 10
 
@@ -143,24 +145,24 @@ def test_promote_scores_both_on_the_same_rows_and_gates_on_their_paired_interval
     labels = rows["label"].to_numpy()
     champion = _noisy(labels, 0.5, seed=1)
     answers = {"1": champion, "2": _mixed(rows, champion), "3": _noisy(labels, 0.9, seed=2)}
-    registry = _Registry(champion="1")
-    monkeypatch.setattr(promotion, "_client", lambda: registry)
+    fake = _Registry(champion="1")
+    monkeypatch.setattr(registry, "_client", lambda: fake)
     monkeypatch.setenv("SEARCHREL_LOCK_DIR", str(tmp_path / "locks"))
     monkeypatch.setattr(promotion, "score_version",
                         lambda name, version, r, batch_size: _one_hot(answers[version]))
     cfg = PromoteConfig(n_boot=500, bootstrap_seed=3)
 
     noisy = promote(tmp_path, "m", "2", rows, rows, cfg)
-    assert not noisy.promoted and registry.aliases[CHAMPION] == "1"
+    assert not noisy.promoted and fake.aliases[CHAMPION] == "1"
     assert noisy.paired == _paired(rows, answers["2"], champion, cfg) and noisy.paired["n_boot"] == 500
     assert noisy.challenger_metrics["macro_f1"] > noisy.champion_metrics["macro_f1"] + cfg.min_macro_f1_gain
 
     clear = promote(tmp_path, "m", "3", rows, rows, cfg)
-    assert clear.promoted and registry.aliases[CHAMPION] == "3" and clear.paired["macro_f1"]["ci_low"] > 0
-    assert registry.tags == {promotion.TAG_HISTORY: '["3"]'}  # the champion move's record is gone
+    assert clear.promoted and fake.aliases[CHAMPION] == "3" and clear.paired["macro_f1"]["ci_low"] > 0
+    assert fake.tags == {registry.TAG_HISTORY: '["3"]'}  # the champion move's record is gone
 
     # No champion yet: the same interval against the lexical baseline on the same rows.
-    monkeypatch.setattr(promotion, "_client", lambda: _Registry())
+    monkeypatch.setattr(registry, "_client", lambda: _Registry())
     monkeypatch.setattr(promotion, "lexical_probs", lambda train, r: _one_hot(champion))
     first = promote(tmp_path, "m", "2", rows, rows, cfg)
     assert not first.promoted and first.baseline_metrics == _metrics(rows, champion)

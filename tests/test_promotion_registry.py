@@ -21,21 +21,20 @@ from mlflow.tracking._model_registry import utils as registry_utils
 from mlflow.tracking._tracking_service import utils as tracking_utils
 from typer.testing import CliRunner
 
-from pipelines import cli
-from pipelines.relevance import promotion
-from pipelines.relevance.promotion import (
+from pipelines import cli, registry
+from pipelines.registry import (
     CHAMPION,
     TAG_DECISION,
     TAG_HISTORY,
     TAG_PENDING,
-    PromoteConfig,
     RegistryLockTimeout,
     lock_path,
-    promote,
     register_version,
     registry_lock,
     rollback,
 )
+from pipelines.relevance import promotion
+from pipelines.relevance.promotion import PromoteConfig, promote
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 N_QUERIES, PER_QUERY = 30, 8
@@ -98,7 +97,7 @@ def _state(client: MlflowClient, name: str) -> tuple[str | None, list[str], dict
     """(champion, champion history, pending record) as stored."""
     tags = client.get_registered_model(name).tags
     pending = tags.get(TAG_PENDING)
-    return (promotion._alias_version(client, name, CHAMPION), json.loads(tags.get(TAG_HISTORY, "[]")),
+    return (registry._alias_version(client, name, CHAMPION), json.loads(tags.get(TAG_HISTORY, "[]")),
             pending and json.loads(pending))
 
 
@@ -209,7 +208,7 @@ def test_a_retried_promote_returns_the_decision_that_moved_the_champion(store, p
 
 _HOLD = """
 import sys
-from pipelines.relevance.promotion import registry_lock
+from pipelines.registry import registry_lock
 with registry_lock(sys.argv[1], 5, sys.argv[2]):
     print("held", flush=True)
     sys.stdin.read()

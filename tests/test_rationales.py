@@ -24,17 +24,12 @@ import yaml
 from conftest import REPO_ROOT
 
 from pipelines.data.relevance import clean_text
-from pipelines.relevance.rationales import (
-    RULES_PATH,
-    OpenAITeacher,
-    RationaleConfig,
-    RuleBase,
-    TeacherError,
-    argued_level,
-    default_rulebase,
-    generate_rationales,
-    write_rationale,
-)
+from pipelines.relevance.config import RationaleConfig
+from pipelines.relevance.rationales import generate_rationales
+from pipelines.relevance.rationales.judge import argued_level
+from pipelines.relevance.rationales.rules import RuleBase, default_rulebase, write_rationale
+from pipelines.relevance.rationales.teacher import OpenAITeacher, TeacherError
+from pipelines.relevance.rationales.text import RULES_PATH
 
 STEP_RE = re.compile(
     r"^1\. Query understanding: .+ 2\. Item understanding: .+ 3\. Category match: .+ "
@@ -111,7 +106,7 @@ def test_output_does_not_depend_on_the_hash_seed(crowdflower: pd.DataFrame, tmp_
     path.write_text(sample.to_json(orient="records"))
     script = (
         "import hashlib, json, sys\n"
-        "from pipelines.relevance.rationales import default_rulebase\n"
+        "from pipelines.relevance.rationales.rules import default_rulebase\n"
         "rb = default_rulebase()\n"
         "h = hashlib.sha256()\n"
         "for r in json.load(open(sys.argv[1])):\n"

@@ -10,7 +10,7 @@ import pytest
 
 from pipelines.relevance.metrics import evaluate_probs
 from pipelines.relevance.prompts import format_response
-from pipelines.relevance.rationales import write_rationale
+from pipelines.relevance.rationales.rules import write_rationale
 from pipelines.relevance.report import ablation_rows, hallucination_rows, pass_at_k_rows, render_report
 from pipelines.relevance.sampling import hallucination_rate, label_samples, pass_at_k_curve
 from pipelines.stage import run_stage
@@ -222,14 +222,15 @@ def test_evaluate_stage_compares_with_the_baselines_lexical_predictions(root, sh
 
     from pipelines.relevance import pipeline
     from pipelines.relevance.metrics import classification_metrics, paired_bootstrap, prior_corrected_probs
+    from pipelines.runner import RunSpec, run_pipeline
     from pipelines.tracking import runs
 
-    spec = pipeline.RunSpec(run_key="vs", root=root, dataset="crowdflower",
-                            path=shared_data / "crowdflower_search_relevance", profile="tiny",
-                            overrides=["prepare.max_queries=30", "prepare.engine=pandas",
-                                       "baselines.baselines=[majority,lexical]", "evaluate.hallucination_examples=0",
-                                       "evaluate.max_examples=60"])
-    results = pipeline.run_taosr1(spec, ["prepare", "baselines"])
+    spec = RunSpec(run_key="vs", root=root, dataset="crowdflower",
+                   path=shared_data / "crowdflower_search_relevance", profile="tiny",
+                   overrides=["prepare.max_queries=30", "prepare.engine=pandas",
+                              "baselines.baselines=[majority,lexical]", "evaluate.hallucination_examples=0",
+                              "evaluate.max_examples=60"])
+    results = run_pipeline("taosr1", spec, ["prepare", "baselines"])
     baselines = results["baselines"]
     assert baselines.summary["lexical"]["vs_lexical"] is None
     majority = baselines.summary["majority"]["vs_lexical"]
@@ -250,8 +251,8 @@ def test_evaluate_stage_compares_with_the_baselines_lexical_predictions(root, sh
     monkeypatch.setattr(pipeline, "score_model", fake_score)
     if hasattr(pipeline, "_resolve_dtype"):  # no precision benchmark for a stubbed model
         monkeypatch.setattr(pipeline, "_resolve_dtype", lambda cfg, device, threads=None: cfg)
-    result = pipeline.STAGE_FUNCTIONS["evaluate"](spec)
-    assert "lexical" in result.manifest["inputs"]
+    result = run_pipeline("taosr1", spec, ["evaluate"])["evaluate"]
+    assert "baselines" in result.manifest["inputs"]
     metrics = json.loads((result.path / "metrics.json").read_text())
     rows = scored["test"]
     assert len(rows) == 60 and metrics["vs_lexical"] == result.summary["vs_lexical"]

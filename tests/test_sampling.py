@@ -1,22 +1,22 @@
 """TaoSR1 stage 2: pass@k, seeded N-sample generation with a shared prefill, DPO pairs, the Ray actor pool."""
 
 import itertools
-import json
 import math
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from pipelines.relevance.dpo_pairs import build_dpo_pairs
+from pipelines.relevance.model_card import write_model_card
 from pipelines.relevance.models import ModelConfig, load_model_and_tokenizer, save_model
 from pipelines.relevance.prompts import build_prompt, format_response
-from pipelines.relevance.rationales import write_rationale
+from pipelines.relevance.rationales.rules import write_rationale
 from pipelines.relevance.sampling import (
     HFSampler,
     SampleConfig,
     SamplerBackend,
     VLLMSampler,
-    build_dpo_pairs,
     hallucination_rate,
     label_samples,
     pass_at_k,
@@ -24,7 +24,6 @@ from pipelines.relevance.sampling import (
     pass_at_k_figure,
     run_sampling,
 )
-from pipelines.relevance.sft import MODEL_CARD
 
 ROWS = pd.DataFrame(
     [("q1", "led christmas lights", "i1", "Set of 10 Battery Operated LED Christmas Lights", "Multi-color bulbs", 4),
@@ -56,7 +55,7 @@ def tiny():
 def model_dir(tiny, tmp_path_factory):
     model, tok, _ = tiny
     out = save_model(model, tok, tmp_path_factory.mktemp("sft") / "model")
-    (out / MODEL_CARD).write_text(json.dumps(CARD | {"label_ids": {}}))
+    write_model_card(out, CARD | {"label_ids": {}})
     return out
 
 

@@ -21,16 +21,9 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines.relevance.metrics import cumpt_tiers
-from pipelines.relevance.pipeline import RunSpec, run_taosr1
-from pipelines.relevance.promotion import (
-    CHALLENGER,
-    CHAMPION,
-    PromoteConfig,
-    promote,
-    register_version,
-    rollback,
-)
+from pipelines.registry import CHALLENGER, CHAMPION, register_version, rollback
+from pipelines.relevance.metrics import cumpt_tiers, prior_corrected_probs, tune_cumpt_beta
+from pipelines.relevance.promotion import PromoteConfig, promote
 from pipelines.relevance.serving import (
     PairScorer,
     ServingSettings,
@@ -39,6 +32,7 @@ from pipelines.relevance.serving import (
     resolve_model,
     served_model,
 )
+from pipelines.runner import RunSpec, run_pipeline
 from pipelines.tracking.runs import configure, use_store
 
 pytestmark = pytest.mark.slow
@@ -54,7 +48,7 @@ def trained(tmp_path_factory, shared_data, ray_local):
         spec = RunSpec(run_key="serve", root=root, dataset="crowdflower",
                        path=shared_data / "crowdflower_search_relevance", profile="tiny",
                        overrides=["prepare.max_queries=30", "sft.num_train_epochs=1", "sft.max_train_examples=128"])
-        results = run_taosr1(spec, ["prepare", "rationales", "sft", "evaluate", "register", "promote"])
+        results = run_pipeline("taosr1", spec, ["prepare", "rationales", "sft", "evaluate", "register", "promote"])
         yield root, spec, results
 
 
@@ -123,6 +117,18 @@ def test_pyfunc_scores_rows_with_probabilities_and_cumpt_tiers(trained):
     tiers = {1: "Bad", 2: "Mid", 3: "Good"}
     assert list(out["tier"]) == [tiers[int(t)] for t in cumpt_tiers(probs, beta)]
     assert list(out["level"]) == list(probs.argmax(axis=1) + 1)
+    # The served decision is the prior-corrected one (register.decision's default): the model's own first-token
+    # distribution reweighted by the offsets its evaluation tuned on val, with CumPT's beta re-tuned on val for it.
+    metrics = json.loads((results["evaluate"].path / "metrics.json").read_text())
+    offsets = [metrics["test"]["prior_corrected"]["offsets"][str(level)] for level in (1, 2, 3, 4)]
+    summary = results["register"].summary
+    assert summary["decision"] == "prior_corrected" and summary["level_offsets"] == pytest.approx(offsets)
+    plain = PairScorer(results["sft"].path / "model", ServingSettings()).score(rows)
+    raw = plain[["p1", "p2", "p3", "p4"]].to_numpy()
+    assert np.allclose(probs, prior_corrected_probs(raw, offsets), atol=1e-5)
+    val = pd.read_parquet(results["evaluate"].path / "val_predictions.parquet")
+    served_val = prior_corrected_probs(val[["p1", "p2", "p3", "p4"]].to_numpy(), offsets)
+    assert beta == tune_cumpt_beta(served_val, val["label"].to_numpy())[0]
     assert np.allclose(out["expected_relevance"], probs @ np.arange(1, 5))
     assert list(out["truncated"]) == [False, False, True] and "query truncated" in out["note"][2]
     with pytest.raises(mlflow.exceptions.MlflowException, match="row 1, field 'title': empty string"):

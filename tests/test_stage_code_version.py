@@ -11,7 +11,7 @@ import pytest
 
 from pipelines.stage import REUSE_STALE_ENV, read_manifest, run_stage
 from pipelines.stage_code import code_of, stage_code
-from ray_jobs import _entry
+from ray_jobs import entry
 
 STAGE = {"pipeline": "p", "run_key": "r", "stage": "s", "config": {"n": 1}, "inputs": {}, "tracking": False}
 
@@ -167,34 +167,38 @@ def test_the_code_version_covers_what_the_body_reaches_and_ignores_comments(tmp_
 def test_a_real_stage_reaches_its_own_modules_not_its_neighbours():
     sft = code_of("pipelines.relevance.pipeline", "sft")
     assert {"pipelines/relevance/sft.py", "pipelines/training/runtime.py"} <= set(sft)
-    assert "pipelines/relevance/serving.py" not in sft and "pipelines/relevance/rules.yaml" not in sft
-    assert "pipelines/relevance/rules.yaml" in code_of("pipelines.relevance.pipeline", "rationales")
+    assert "pipelines/relevance/serving.py" not in sft and "pipelines/relevance/rationales/rules.yaml" not in sft
+    assert "pipelines/relevance/rationales/rules.yaml" in code_of("pipelines.relevance.pipeline", "rationales")
 
 
 def test_a_stage_the_pipeline_lacks_fails_its_job_naming_the_module():
     # autofas has no sft stage: a DAG newer than the installed package, say
-    job = subprocess.run([sys.executable, "-m", "ray_jobs.sft", "autofas", "--run-key", "k"], capture_output=True,
+    job = subprocess.run([sys.executable, "-m", "ray_jobs", "autofas", "sft", "--run-key", "k"], capture_output=True,
                          text=True, timeout=120, env=os.environ | {"PYTHONPATH": os.getcwd()})
-    assert job.returncode == _entry.MISSING_STAGE_EXIT_CODE != _entry.RESERVED_SKIP_EXIT_CODE, job.stderr[-2000:]
-    assert "pipeline 'autofas' has no stage 'sft': pipelines.preranking.pipeline.STAGE_FUNCTIONS" in job.stderr
+    assert job.returncode == entry.MISSING_STAGE_EXIT_CODE != entry.RESERVED_SKIP_EXIT_CODE, job.stderr[-2000:]
+    assert "pipeline 'autofas' has no stage 'sft': its table has prepare, teacher" in job.stderr
 
 
 @pytest.mark.parametrize("module_text", [None, "raise ImportError(\"No module named 'a_dependency'\")"])
-def test_a_pipeline_module_that_cannot_be_imported_fails_naming_it(tmp_path, monkeypatch, capsys, module_text):
+def test_a_stage_whose_module_cannot_be_imported_fails_naming_it(tmp_path, monkeypatch, capsys, module_text):
+    import dataclasses
+
+    from pipelines.catalog import PIPELINES
+
     module = "codeprobe_pipeline_missing" if module_text is None else "codeprobe_pipeline_broken"
     if module_text is not None:
         (tmp_path / f"{module}.py").write_text(module_text)
         monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(_entry.PIPELINE_MODULES, "taosr1", module)
-    with pytest.raises(SystemExit) as exit_:
-        _entry.main("sft", ["taosr1", "--run-key", "k"])
-    assert exit_.value.code == _entry.MISSING_STAGE_EXIT_CODE
+    table = PIPELINES["taosr1"]
+    stages = tuple(dataclasses.replace(s, body=f"{module}:sft") if s.name == "sft" else s for s in table.stages)
+    monkeypatch.setitem(PIPELINES, "taosr1", dataclasses.replace(table, stages=stages))
+    assert entry.run(["taosr1", "sft", "--run-key", "k"]) == entry.MISSING_STAGE_EXIT_CODE
     err = capsys.readouterr().err
-    assert f"pipeline 'taosr1': its module {module} cannot be imported" in err
+    assert f"stage 'sft': its module {module} cannot be imported" in err
     assert ("a_dependency" if module_text else module) in err.splitlines()[-1]
 
 
 def test_a_job_never_exits_with_the_skip_status():
-    job = subprocess.run([sys.executable, "-c", "from ray_jobs._entry import _exit_now; _exit_now(99)"],
+    job = subprocess.run([sys.executable, "-c", "from ray_jobs.entry import _exit_now; _exit_now(99)"],
                          capture_output=True, text=True, timeout=60, env=os.environ | {"PYTHONPATH": os.getcwd()})
     assert job.returncode == 1 and "reads as skipped" in job.stderr

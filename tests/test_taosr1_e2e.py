@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines.relevance.pipeline import RunSpec, run_taosr1
 from pipelines.relevance.report import ablation_rows, write_report
+from pipelines.runner import RunSpec, run_pipeline
 from pipelines.tracking import runs
 
 
@@ -16,7 +16,7 @@ def test_tiny_profile_end_to_end(root, shared_data, ray_local):
     spec = RunSpec(run_key="e2e", root=root, dataset="crowdflower",
                    path=shared_data / "crowdflower_search_relevance", profile="tiny",
                    overrides=["prepare.max_queries=30", "sft.num_train_epochs=1", "sft.max_train_examples=128"])
-    results = run_taosr1(spec, ["main"])
+    results = run_pipeline("taosr1", spec, ["main"])
     assert list(results) == ["prepare", "rationales", "baselines", "sft", "evaluate"]
     assert not any(r.skipped for r in results.values())
 
@@ -48,11 +48,14 @@ def test_tiny_profile_end_to_end(root, shared_data, ray_local):
     assert all(bool(r["dF1 [lo,hi]"]) != r["model"].startswith("lexical") for r in rows)
     path, _ = write_report(root, "e2e")
     assert "SFT, post-CoT" in path.read_text() and "## Against the lexical baseline" in path.read_text()
+    report = run_pipeline("taosr1", spec, ["report"])["report"]  # the same report as a stage (a DAG task)
+    assert (report.path / "report.md").read_text() == path.read_text()
+    assert set(report.manifest["inputs"]) == {"baselines", "evaluate"}
 
-    again = run_taosr1(spec, ["main"])  # a rerun of the same run key finds its own work
+    again = run_pipeline("taosr1", spec, ["main"])  # a rerun of the same run key finds its own work
     assert all(r.skipped for r in again.values())
 
-    stage2 = run_taosr1(spec, ["stage2"])  # pass@N sampling, DPO pairs, DPO, GRPO, each evaluated
+    stage2 = run_pipeline("taosr1", spec, ["stage2"])  # pass@N sampling, DPO pairs, DPO, GRPO, each evaluated
     curve = stage2["sample"].summary["pass_at_k"]
     values = [curve[str(k)] for k in range(1, len(curve) + 1)]
     assert values == sorted(values)  # pass@k never falls with k
@@ -81,6 +84,7 @@ def test_tiny_profile_end_to_end(root, shared_data, ray_local):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # the post-CoT test below learns the same way; the no-CoT style's loss is in test_shared_prefix
 def test_tiny_no_cot_sft_beats_the_majority_baseline(root, shared_data, ray_local):
     """A real bar: the tiny model trained on all of CrowdFlower's training queries (5,546 pairs, ~30 s of SFT)
     beats the majority class's test macro-F1 by a margin, scored by the same evaluation code."""
@@ -88,7 +92,7 @@ def test_tiny_no_cot_sft_beats_the_majority_baseline(root, shared_data, ray_loca
                    path=shared_data / "crowdflower_search_relevance", profile="tiny",
                    overrides=["prepare.max_queries=0", "sft.max_train_examples=0", "sft.per_device_train_batch_size=32",
                               "sft.num_train_epochs=6", "baselines.baselines=[majority]", "evaluate.hallucination_examples=0"])
-    results = run_taosr1(spec, ["prepare", "rationales", "baselines", "sft_no_cot", "evaluate_no_cot"])
+    results = run_pipeline("taosr1", spec, ["prepare", "rationales", "baselines", "sft_no_cot", "evaluate_no_cot"])
     majority = results["baselines"].summary["majority"]["test"]
     sft = json.loads((results["evaluate_no_cot"].path / "metrics.json").read_text())["test"]
     assert sft["n"] == majority["n"] > 1500  # every test pair of the 43 test queries
@@ -107,7 +111,7 @@ def test_tiny_post_cot_sft_with_a_shared_instruction_beats_the_majority_baseline
                    overrides=["prepare.max_queries=0", "sft.max_train_examples=0", "sft.per_device_train_batch_size=32",
                               "sft.num_train_epochs=4", "sft.include_instruction=true", "baselines.baselines=[majority]",
                               "evaluate.hallucination_examples=0"])
-    results = run_taosr1(spec, ["prepare", "rationales", "baselines", "sft", "evaluate"])
+    results = run_pipeline("taosr1", spec, ["prepare", "rationales", "baselines", "sft", "evaluate"])
     summary = results["sft"].summary
     assert summary["computed_token_share"] < 0.7, summary  # the instruction ran once per micro-batch
     majority = results["baselines"].summary["majority"]["test"]

@@ -66,18 +66,25 @@ def _alive(job_dir: Path) -> int | None:
 
 
 def submit(job_dir: Path, argv: list[str], env: dict[str, str] | None = None, cwd: str | None = None,
-           warm: bool = False, base_env: Mapping[str, str] | None = None) -> bool:
-    """Start the job unless a job of this id exists; True if this call started it.
+           base_env: Mapping[str, str] | None = None) -> bool:
+    """Start the job in a fresh interpreter unless a job of this id exists; True if this call started it.
 
     `env` is added to `base_env`, the environment the job starts from (default: this process's whole environment;
-    `RayHook` passes `job_env.job_environment(...)`, never the worker's). `warm`: fork a `python -m module ...`
-    job from a server with the libraries imported (`warm_jobs`) instead of starting a fresh interpreter; it falls
-    back to a cold start whenever that is not possible.
+    `RayHook` passes `job_env.job_environment(...)`, never the worker's). `warm_jobs.submit` forks the job from
+    a server with the libraries imported instead, when it can.
     """
+    if not create(job_dir, argv, env, cwd):
+        return False
+    start(job_dir, cwd, base_env)
+    return True
+
+
+def create(job_dir: Path, argv: list[str], env: dict[str, str] | None = None, cwd: str | None = None) -> bool:
+    """Create the job's folder and spec (mode 0700/0600: they may name secrets); False if the id exists."""
     job_dir = Path(job_dir)
     job_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
-        job_dir.mkdir(mode=0o700)  # its spec and log may name secrets: this user's only
+        job_dir.mkdir(mode=0o700)
     except FileExistsError:
         return False
     spec = {"argv": list(argv), "env": dict(env or {}), "cwd": cwd, "submitted_at": time.time()}
@@ -85,15 +92,14 @@ def submit(job_dir: Path, argv: list[str], env: dict[str, str] | None = None, cw
     with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
         fh.write(json.dumps(spec, indent=2))
     os.replace(tmp, job_dir / "spec.json")
-    if warm:
-        from operators.hooks import warm_jobs
+    return True
 
-        if warm_jobs.hand_over(job_dir, list(argv), dict(env or {}), cwd, base_env=base_env):
-            return True
+
+def start(job_dir: Path, cwd: str | None = None, base_env: Mapping[str, str] | None = None) -> None:
+    """Start the supervisor of a created job (`python -m operators.hooks.local_job JOB_DIR`), detached."""
     subprocess.Popen([sys.executable, "-m", "operators.hooks.local_job", str(job_dir)], start_new_session=True,
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                      close_fds=True, cwd=cwd, env=None if base_env is None else dict(base_env))
-    return True
 
 
 def status(job_dir: Path) -> str | None:

@@ -44,9 +44,10 @@ from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseHook
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
 
-from operators.hooks import job_env, local_job
+from operators.hooks import job_env, local_job, warm_jobs
+from operators.provider import RAY_UI_FIELD_BEHAVIOUR
 
 LOCAL = "local"
 TERMINAL = local_job.TERMINAL
@@ -127,8 +128,6 @@ class RayHook(BaseHook):
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
         """The connection form's behaviour for Airflow < 3.2; newer Airflow reads it from the provider info."""
-        from operators.provider import RAY_UI_FIELD_BEHAVIOUR
-
         return {"hidden_fields": list(RAY_UI_FIELD_BEHAVIOUR["hidden-fields"]),
                 "relabeling": dict(RAY_UI_FIELD_BEHAVIOUR["relabeling"]),
                 "placeholders": dict(RAY_UI_FIELD_BEHAVIOUR["placeholders"])}
@@ -141,8 +140,6 @@ class RayHook(BaseHook):
 
     @cached_property
     def target(self) -> RayTarget:
-        from airflow.sdk.exceptions import AirflowNotFoundException
-
         try:
             conn = self.get_connection(self.ray_conn_id)
         except AirflowNotFoundException:
@@ -155,8 +152,6 @@ class RayHook(BaseHook):
     async def aresolve(cls, ray_conn_id: str = default_conn_name) -> RayHook:
         """A hook with its target read through Airflow's async connection API (for triggers: the sync one must
         not run on the triggerer's event loop)."""
-        from airflow.sdk.exceptions import AirflowNotFoundException
-
         hook = cls(ray_conn_id)
         try:
             conn = await cls.aget_connection(ray_conn_id)
@@ -182,7 +177,7 @@ class RayHook(BaseHook):
 
     @cached_property
     def client(self):
-        from ray.job_submission import JobSubmissionClient
+        from ray.job_submission import JobSubmissionClient  # heavy: loaded only when used
 
         return JobSubmissionClient(self.target.address)
 
@@ -204,8 +199,8 @@ class RayHook(BaseHook):
         if self.target.is_local:
             base = self.job_environment()
             warm = self.target.extra.get("warm")  # a connection form may save it as null: unset, so on
-            return local_job.submit(self.job_dir(submission_id), [sys.executable, "-m", module, *args], env,
-                                    warm=True if warm is None else bool(warm), base_env=base)
+            submit = warm_jobs.submit if warm is None or bool(warm) else local_job.submit
+            return submit(self.job_dir(submission_id), [sys.executable, "-m", module, *args], env, base_env=base)
         try:
             self.client.submit_job(**self.submission_request(submission_id, module, args, env, resources))
         except RuntimeError as err:

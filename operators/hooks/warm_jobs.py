@@ -40,6 +40,7 @@ import hashlib
 import importlib
 import json
 import os
+import runpy
 import select
 import signal
 import socket
@@ -49,8 +50,13 @@ import sys
 import sysconfig
 import tempfile
 import time
+import traceback
 from collections.abc import Mapping
 from pathlib import Path
+
+from operators.hooks import local_job
+from operators.hooks.job_env import job_environment
+from pipelines.env import apply_defaults
 
 ENABLE_ENV = "SEARCHREL_WARM_JOBS"
 IDLE_ENV = "SEARCHREL_WARM_IDLE_S"
@@ -59,7 +65,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PROJECT_PACKAGES = ("pipelines", "operators", "ray_jobs")
 # Imported by the server before it serves; a job that needs none of them loses nothing.
 PRELOAD = ("torch", "transformers", "mlflow", "ray", "ray.train.torch", "ray.data", "pandas", "pyarrow",
-           "sklearn.metrics", "deepspeed", "pipelines.cli", "pipelines.relevance.pipeline",
+           "sklearn.metrics", "deepspeed", "ray_jobs.entry", "pipelines.relevance.pipeline",
            "pipelines.preranking.pipeline")
 # Environment variables libraries read when they are imported (the rest is read when used, after the fork).
 IMPORT_TIME_ENV = ("PYTHON", "LD_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "TORCH", "OMP_", "MKL_",
@@ -103,6 +109,17 @@ def socket_dir() -> Path | None:
     if stat.st_uid != os.getuid() or stat.st_mode & 0o077 or not path.is_dir() or path.is_symlink():
         return None
     return path
+
+
+def submit(job_dir: Path, argv: list[str], env: dict[str, str] | None = None, cwd: str | None = None,
+           base_env: Mapping[str, str] | None = None) -> bool:
+    """`local_job.submit`, but the job is forked from a warm server when one can take it (a `python -m module`
+    command of this interpreter, warm jobs enabled); otherwise it starts cold. False if the id exists."""
+    if not local_job.create(job_dir, argv, env, cwd):
+        return False
+    if not hand_over(Path(job_dir), list(argv), dict(env or {}), cwd, base_env=base_env):
+        local_job.start(job_dir, cwd, base_env)
+    return True
 
 
 def hand_over(job_dir: Path, argv: list[str], env: dict[str, str], cwd: str | None,
@@ -153,8 +170,6 @@ def _connectable(sock_path: Path) -> bool:
 def _start_server(sock_path: Path, environ: Mapping[str, str]) -> bool:
     """Start the server for `sock_path` unless another client just did; True once it accepts connections.
     It gets only the local pass-through variables of `environ`: the import-time ones among them."""
-    from operators.hooks.job_env import job_environment
-
     with open(sock_path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one starter per fingerprint; the others wait here and then connect
         if _connectable(sock_path):
@@ -207,8 +222,6 @@ def _run_module_in_child(argv: list[str], env: dict[str, str], cwd: str, log) ->
         os.chdir(cwd)
         sys.path[0] = os.getcwd()  # what `python -m` puts first
         sys.argv = [argv[2], *argv[3:]]
-        import runpy
-
         runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as exc:
@@ -216,8 +229,6 @@ def _run_module_in_child(argv: list[str], env: dict[str, str], cwd: str, log) ->
             print(exc.code, file=sys.stderr)
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:
-        import traceback
-
         traceback.print_exc()
     finally:
         for stream in (sys.stdout, sys.stderr):
@@ -227,8 +238,6 @@ def _run_module_in_child(argv: list[str], env: dict[str, str], cwd: str, log) ->
 
 
 def _start_supervisor(request: dict, listener: socket.socket, conn: socket.socket) -> None:
-    from operators.hooks import local_job
-
     if os.fork():
         return
     rc = 1
@@ -277,8 +286,6 @@ def _read_request(conn: socket.socket) -> dict | None:
 
 
 def serve(sock_path: Path, idle_s: float) -> None:
-    from pipelines.env import apply_defaults
-
     apply_defaults()  # as every job does first: e.g. HF_HUB_OFFLINE is read when huggingface_hub is imported
     started = time.perf_counter()
     for name in PRELOAD:

@@ -1,7 +1,7 @@
 """PromotionOperator: the promotion gate (`pipelines.relevance.promotion.promote`) as a task.
 
 The gate scores the challenger and the champion on the same rows, so it loads models: it runs where the other
-stages run, as the pipeline's `promote` stage in a Ray job (`python -m ray_jobs.promote`), with the same
+stages run, as the pipeline's `promote` stage in a Ray job (`python -m ray_jobs <pipeline> promote`), with the same
 submission-id, retry and log guarantees as RayJobOperator, and its decision recorded in the stage's manifest and
 MLflow child run. This operator adds the decision: it logs it, returns it as the XCom value, and with
 `fail_if_kept=True` fails the task when the gate keeps the current champion (for alerting on a retraining that
@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+
+from airflow.sdk.exceptions import AirflowException
 
 from operators.operators.ray_job import RayJobOperator
 
@@ -40,8 +42,6 @@ class PromotionOperator(RayJobOperator):
             verdict = "PROMOTED to champion" if decision["promoted"] else "KEPT the current champion"
             self.log.info("promotion gate: %s (%s)", verdict, decision.get("reason", "no reason recorded"))
             if self.fail_if_kept and not decision["promoted"]:
-                from airflow.sdk.exceptions import AirflowException
-
                 raise AirflowException(f"the gate kept the current champion: {decision.get('reason')}")
         else:
             self.log.warning("no decision found in %s; check the promote stage's MLflow run",

@@ -1,4 +1,4 @@
-"""RayJobOperator: one pipeline stage as one Ray job, `python -m ray_jobs.<stage> <pipeline> --run-key ...`.
+"""RayJobOperator: one pipeline stage as one Ray job, `python -m ray_jobs <pipeline> <stage> --run-key ...`.
 
 What it guarantees, unlike the discontinued Ray provider (a new job on every retry, a 600 s default timeout):
 
@@ -15,7 +15,7 @@ What it guarantees, unlike the discontinued Ray provider (a new job on every ret
 - Every job has a timeout, counted from the job's submission (a retry that attaches to a running job does not
   restart the clock): the run's `timeouts` Param (stage -> minutes), else the profile's
   `<pipeline>.timeouts.<stage>` (minutes), else the operator's `job_timeout`, else the DAG's table
-  (`operators.dag_params.STAGE_TIMEOUT_MINUTES`). At the timeout the operator stops the job (the local job's
+  (`Stage.timeout_minutes` in `pipelines/*/stages.py`). At the timeout the operator stops the job (the local job's
   whole session, or `JobSubmissionClient.stop_job`) and the task fails with AirflowTaskTimeout naming the time.
   Airflow's own timeouts are the backstop, `TIMEOUT_GRACE_S` later: `execution_timeout` (set from the job's
   timeout unless the task sets it) and the deferral's timeout, on which the job is stopped too.
@@ -36,6 +36,7 @@ again by its tags, so even a job rerun after a lost worker redoes nothing and op
 from __future__ import annotations
 
 import ast
+import asyncio
 import hashlib
 import json
 import os
@@ -48,8 +49,14 @@ from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseOperator
+from airflow.sdk.bases.operator import TRIGGER_FAIL_REPR, TriggerFailureReason
+from airflow.sdk.exceptions import AirflowException, AirflowSkipException, AirflowTaskTimeout
 
-from operators.dag_params import STAGE_TIMEOUT_MINUTES, stage_timeout_minutes
+from operators.dag_params import PROFILES, stage_timeout_minutes
+from operators.hooks.job_env import checked
+from operators.hooks.ray import LOG_DRAIN_S, RayHook
+from operators.triggers.ray import RayJobTrigger
+from pipelines.config import load_profile
 
 RUN_KEY_TEMPLATE = "{{ params.get('run_key') or run_id }}"
 SKIP_EXIT_CODE = 99
@@ -141,7 +148,7 @@ def _as_list(value: Any, name: str) -> list[str]:
 class RayJobOperator(BaseOperator):
     """Run one stage of a searchrel pipeline as a Ray job (embedded default: a local subprocess job).
 
-    :param stage: the stage name; the job runs `python -m ray_jobs.<stage>`.
+    :param stage: the stage name (a stage of the pipeline's table); the job runs `python -m ray_jobs <pipeline> <stage>`.
     :param pipeline: taosr1 or autofas (templated).
     :param run_key: names the pipeline run's folder and MLflow parent run (templated; default: the `run_key`
         Param, else the Airflow run id); made path-safe.
@@ -161,7 +168,7 @@ class RayJobOperator(BaseOperator):
         (`entrypoint_resources`; default: the profile's `resources`).
     :param job_timeout: seconds (or a timedelta) after which the job is stopped and the task fails, unless the
         run's `timeouts` Param or the profile's `<pipeline>.timeouts` section names this stage; default: the DAG's
-        table for the profile (`operators.dag_params.STAGE_TIMEOUT_MINUTES`).
+        stage table for the profile (`Stage.timeout_minutes`, pipelines/*/stages.py).
     :param timeouts: the run's stage -> minutes mapping (templated; the DAGs pass the `timeouts` Param).
     :param ray_conn_id: the Ray connection (see `operators.hooks.ray`).
     :param deferrable: wait in the triggerer (default) or in the worker.
@@ -183,7 +190,7 @@ class RayJobOperator(BaseOperator):
         explicit_execution_timeout = kwargs.get("execution_timeout") is not None
         super().__init__(**kwargs)
         if not re.fullmatch(r"[a-z][a-z0-9_]*", stage):
-            raise ValueError(f"stage {stage!r} must be a Python module name (ray_jobs.<stage>)")
+            raise ValueError(f"stage {stage!r} must be a stage name: lower-case letters, digits and _")
         self.stage = stage
         self.job_timeout = _seconds(job_timeout, "job_timeout")
         self.timeouts = timeouts
@@ -213,28 +220,24 @@ class RayJobOperator(BaseOperator):
             # narrowed to the run's own timeout when the fields are rendered (render_template_fields).
             if self.job_timeout is not None:
                 longest = self.job_timeout
-            elif str(profile) in STAGE_TIMEOUT_MINUTES:
-                longest = stage_timeout_minutes(str(profile), stage) * 60
+            elif str(profile) in PROFILES:
+                longest = stage_timeout_minutes(str(pipeline), str(profile), stage) * 60
             else:
-                longest = max(stage_timeout_minutes(p, stage) for p in STAGE_TIMEOUT_MINUTES) * 60
+                longest = max(stage_timeout_minutes(str(pipeline), p, stage) for p in PROFILES) * 60
             self.execution_timeout = timedelta(seconds=longest + TIMEOUT_GRACE_S)
 
     # ------------------------------------------------------------------------------------------------ parts
 
-    @property
-    def module(self) -> str:
-        return f"ray_jobs.{self.stage}"
+    module = "ray_jobs"  # the job is `python -m ray_jobs <pipeline> <stage> ...` (ray_jobs/entry.py)
 
     def hook(self):
-        from operators.hooks.ray import RayHook
-
         return RayHook(ray_conn_id=self.ray_conn_id)
 
     def resolved_root(self) -> str | None:
         return str(self.root) if self.root else os.environ.get("SEARCHREL_ROOT")
 
     def job_args(self, run_key: str) -> list[str]:
-        args = [str(self.pipeline), "--run-key", run_key, "--profile", str(self.profile)]
+        args = [str(self.pipeline), self.stage, "--run-key", run_key, "--profile", str(self.profile)]
         if self.dataset:
             args += ["--dataset", str(self.dataset)]
         if self.path:
@@ -249,8 +252,6 @@ class RayJobOperator(BaseOperator):
 
     def job_env(self) -> dict[str, str]:
         """The operator's own `env`; the hook adds what `operators.hooks.job_env` passes from the worker."""
-        from operators.hooks.job_env import checked
-
         return checked(self.env)
 
     def resolve_job_timeout(self) -> tuple[float, str]:
@@ -268,17 +269,15 @@ class RayJobOperator(BaseOperator):
             if (timeouts or {}).get(key) not in (None, ""):
                 return _seconds(timeouts[key], f"timeouts.{key}") * 60, f"the run's timeouts Param ({key})"
         profile = str(self.profile)
-        if profile not in STAGE_TIMEOUT_MINUTES or Path(profile).suffix:
-            from pipelines.config import load_profile
-
+        if profile not in PROFILES or Path(profile).suffix:
             section = (load_profile(profile).get(str(self.pipeline)) or {}).get("timeouts") or {}
             if section.get(self.stage) not in (None, ""):
                 minutes = _seconds(section[self.stage], f"{self.pipeline}.timeouts.{self.stage}")
                 return minutes * 60, f"profile {profile}: {self.pipeline}.timeouts.{self.stage}"
         if self.job_timeout is not None:
             return self.job_timeout, "the task's job_timeout"
-        return (stage_timeout_minutes(profile, self.stage) * 60,
-                f"the DAG's default for profile {profile} (operators.dag_params.STAGE_TIMEOUT_MINUTES)")
+        return (stage_timeout_minutes(str(self.pipeline), profile, self.stage) * 60,
+                f"the stage table's default for profile {profile} ({self.pipeline}.{self.stage}.timeout_minutes)")
 
     def render_template_fields(self, context, jinja_env=None) -> None:
         super().render_template_fields(context, jinja_env)
@@ -293,8 +292,6 @@ class RayJobOperator(BaseOperator):
         """What the stage's driver reserves on a cluster: the operator's own `entrypoint_*` arguments, else the
         profile's `<pipeline>.entrypoint.<stage>` section (`num_gpus`, `memory_gb`, `resources`): driver-side
         scoring (evaluate, promote, DPO's reference log-probs) runs on a GPU when it gets one."""
-        from pipelines.config import load_profile
-
         section = ((load_profile(str(self.profile)).get(str(self.pipeline)) or {}).get("entrypoint") or {})
         wanted = dict(section.get(self.stage) or {})
         request = {"num_gpus": wanted.get("num_gpus"), "resources": wanted.get("resources"),
@@ -336,8 +333,6 @@ class RayJobOperator(BaseOperator):
     # ------------------------------------------------------------------------------------------ execution
 
     def execute(self, context) -> Any:
-        from airflow.sdk.exceptions import AirflowSkipException
-
         reason = self.skip_reason()
         if reason:
             raise AirflowSkipException(reason)
@@ -365,8 +360,6 @@ class RayJobOperator(BaseOperator):
                           duration(timeout_s), timeout_source,
                           time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(deadline)))
         if self.deferrable and status != "SUCCEEDED":
-            from operators.triggers.ray import RayJobTrigger
-
             local = hook.target.is_local
             poll = self.poll_interval or (0.5 if local else 2.0)
             # The trigger stops the job at its deadline; the deferral's own timeout is Airflow's backstop.
@@ -381,8 +374,6 @@ class RayJobOperator(BaseOperator):
     def _follow_logs(self, hook, sid: str, poll: float) -> tuple[threading.Thread, dict[str, int]]:
         """Copy the job's log into the task log from a thread of its own while the worker waits (`follow_logs` is
         async: one `tail_job_logs` stream on a cluster); returns the thread and its progress (`offset`)."""
-        import asyncio
-
         progress = {"offset": 0}
 
         async def copy() -> None:
@@ -401,8 +392,6 @@ class RayJobOperator(BaseOperator):
         return thread, progress
 
     def _wait(self, hook, sid: str, deadline: float | None = None, timeout_s: float | None = None) -> int:
-        from operators.hooks.ray import LOG_DRAIN_S
-
         poll = self.poll_interval or (0.5 if hook.target.is_local else 2.0)
         follower, progress = self._follow_logs(hook, sid, poll)
         while True:
@@ -421,8 +410,6 @@ class RayJobOperator(BaseOperator):
             time.sleep(poll if deadline is None else max(0.05, min(poll, deadline - time.time())))
 
     def timed_out(self, hook, sid: str, elapsed: float, timeout_s: float, final: str | None) -> BaseException:
-        from airflow.sdk.exceptions import AirflowTaskTimeout
-
         try:
             _, source = self.resolve_job_timeout()
         except Exception:  # noqa: BLE001 - the message names the timeout anyway
@@ -437,8 +424,6 @@ class RayJobOperator(BaseOperator):
     def resume_execution(self, next_method: str, next_kwargs: dict[str, Any] | None, context):
         """Airflow failed the deferral (`__fail__`): on its timeout (the backstop, `TIMEOUT_GRACE_S` after the
         job's own) stop the job as well, so that it does not run on without a task."""
-        from airflow.sdk.bases.operator import TRIGGER_FAIL_REPR, TriggerFailureReason
-
         if next_method == TRIGGER_FAIL_REPR and (next_kwargs or {}).get("error") == TriggerFailureReason.TRIGGER_TIMEOUT:
             ti = context["ti"]
             hook = self.hook()
@@ -460,8 +445,6 @@ class RayJobOperator(BaseOperator):
                             event.get("log_offset", 0))
 
     def _finish(self, hook, sid: str, status: str | None, run_key: str, log_offset: int) -> Any:
-        from airflow.sdk.exceptions import AirflowException, AirflowSkipException
-
         if status == "SUCCEEDED":
             self.log.info("%s SUCCEEDED", hook.describe(sid))
             return self.result(sid, run_key)

@@ -2,59 +2,27 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from pipelines.config import load_stage_config
-from pipelines.data.relevance import DATASETS as RELEVANCE_DATASETS
-from pipelines.data.relevance import PrepareConfig, prepare_relevance
-from pipelines.preranking.synthetic import SyntheticConfig
-from pipelines.stage import StageContext, StageResult, file_digest, run_stage
-
-CLICK_DATASETS = ("movielens", "criteo", "avazu", "synthetic")  # synthetic: generated, needs no path
-
-
-@dataclass
-class ClickPrepareConfig:
-    """Settings of the `prepare` stage of the AutoFAS pipeline."""
-
-    seed: int = field(default=0, metadata={"help": "Seed recorded with the data (the splits are rule-based)."})
-    min_count: int = field(
-        default=2, metadata={"help": "Categorical values seen fewer times in train map to the out-of-vocabulary id."}
-    )
-    synthetic: SyntheticConfig = field(
-        default_factory=SyntheticConfig, metadata={"help": "Generator settings for --dataset synthetic."}
-    )
-    max_bad_fraction: float = field(
-        default=0.05,
-        metadata={"help": "Fail the stage when more than this share of click rows is quarantined (a broken file)."},
-    )
-    engine: str = field(
-        default="pandas",
-        metadata={"help": "pandas (in-process: the click row checks are vectorised, MovieLens-100k takes about a "
-                          "second) or ray (Ray Data map_batches, on the cluster of RAY_ADDRESS when set)."},
-    )
-    batch_size: int = field(default=8192, metadata={"help": "Rows per Ray Data batch."})
-
-
-def pipeline_of(dataset: str) -> str:
-    if dataset in RELEVANCE_DATASETS:
-        return "taosr1"
-    if dataset in CLICK_DATASETS:
-        return "autofas"
-    raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(RELEVANCE_DATASETS + CLICK_DATASETS)}")
+from pipelines.data.clicks import prepare_clicks
+from pipelines.data.config import pipeline_of, prepare_config_class
+from pipelines.data.relevance import prepare_relevance
+from pipelines.preranking.synthetic import generate_synthetic
+from pipelines.runner import RunSpec, run_pipeline
+from pipelines.stage import StageContext, StageResult, file_digest
 
 
 def prepare_config(dataset: str, profile: str | None, overrides: list[str] | None):
-    cls = PrepareConfig if pipeline_of(dataset) == "taosr1" else ClickPrepareConfig
-    return load_stage_config(cls, pipeline_of(dataset), "prepare", profile, overrides)
+    """The `prepare` config for `dataset` (its class: `pipelines.data.config.prepare_config_class`)."""
+    return load_stage_config(prepare_config_class(dataset), pipeline_of(dataset), "prepare", profile, overrides)
 
 
 def _log_splits(ctx: StageContext, dataset: str) -> None:
-    import pandas as pd
-
-    from pipelines.tracking import runs
+    from pipelines.tracking import runs  # heavy: loads mlflow, tqdm
 
     for split in ("train", "val", "test"):
         path = ctx.work_dir / f"{split}.parquet"
@@ -62,44 +30,32 @@ def _log_splits(ctx: StageContext, dataset: str) -> None:
                          name=f"{dataset}-{split}", digest=file_digest(path), context=split)
 
 
-def run_prepare(
-    *,
-    dataset: str,
-    path: Path | None,
-    run_key: str,
-    root: Path,
-    profile: str | None = None,
-    overrides: list[str] | None = None,
-    force: bool = False,
-) -> StageResult:
-    config = prepare_config(dataset, profile, overrides)
-    pipeline = pipeline_of(dataset)
-    if path is None and dataset != "synthetic":
-        raise ValueError(f"prepare --dataset {dataset} needs --path to its files (only synthetic needs none)")
+def prepare_body(ctx: StageContext, spec, stage) -> dict[str, Any]:
+    """The prepare stage of either pipeline (`ctx.pipeline`): read `spec.path` (or generate the synthetic set)."""
+    config, dataset = ctx.config, spec.dataset
+    if ctx.pipeline == "taosr1":
+        summary = prepare_relevance(dataset, Path(spec.path), ctx.work_dir, config)
+    elif dataset == "synthetic":
+        summary = generate_synthetic(config.synthetic, ctx.work_dir, seed=config.seed, min_count=config.min_count)
+    else:
+        summary = prepare_clicks(dataset, Path(spec.path), ctx.work_dir, min_count=config.min_count, seed=config.seed,
+                                 max_bad_fraction=config.max_bad_fraction, engine=config.engine,
+                                 batch_size=config.batch_size)
+    _log_splits(ctx, dataset)
+    from pipelines.tracking import runs  # heavy: loads mlflow, tqdm
 
-    def body(ctx: StageContext) -> dict[str, Any]:
-        if pipeline == "taosr1":
-            summary = prepare_relevance(dataset, path, ctx.work_dir, config)
-        elif dataset == "synthetic":
-            from pipelines.preranking.synthetic import generate_synthetic
+    runs.log_table_markdown(summary_rows(summary), "prepare_summary.md")
+    if summary.get("quarantine_reasons"):  # reasons quote the input: a table artifact, never metric names
+        runs.log_table_markdown(summary["quarantine_reasons"], "quarantine_reasons.md")
+    return summary
 
-            summary = generate_synthetic(config.synthetic, ctx.work_dir, seed=config.seed, min_count=config.min_count)
-        else:
-            from pipelines.data.clicks import prepare_clicks
 
-            summary = prepare_clicks(dataset, Path(path), ctx.work_dir, min_count=config.min_count, seed=config.seed,
-                                     max_bad_fraction=config.max_bad_fraction, engine=config.engine,
-                                     batch_size=config.batch_size)
-        _log_splits(ctx, dataset)
-        from pipelines.tracking import runs
-
-        runs.log_table_markdown(summary_rows(summary), "prepare_summary.md")
-        if summary.get("quarantine_reasons"):  # reasons quote the input: a table artifact, never metric names
-            runs.log_table_markdown(summary["quarantine_reasons"], "quarantine_reasons.md")
-        return summary
-
-    return run_stage(root=root, pipeline=pipeline, run_key=run_key, stage="prepare", config=config,
-                     inputs={} if dataset == "synthetic" else {"source": Path(path)}, body=body, force=force)
+def run_prepare(*, dataset: str, path: Path | None, run_key: str, root: Path, profile: str | None = None,
+                overrides: list[str] | None = None, force: bool = False) -> StageResult:
+    """The prepare stage of the pipeline `dataset` belongs to (`searchrel prepare`)."""
+    spec = RunSpec(run_key=run_key, root=Path(root), dataset=dataset, path=Path(path) if path else None,
+                   profile=profile, overrides=list(overrides or []), force=force)
+    return run_pipeline(pipeline_of(dataset), spec, ["prepare"])["prepare"]
 
 
 def summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ import hashlib
 import html
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.data.config import RELEVANCE_DATASETS as DATASETS
+from pipelines.data.config import PrepareConfig
 from pipelines.data.schema import (
     COLUMNS,
-    ENGINES,
     JUDGMENT_SCHEMA,
     LEVELS,
     QUARANTINE_SCHEMA,
@@ -42,52 +43,9 @@ from pipelines.data.schema import (
     refuse_duplicate_columns,
 )
 
-DATASETS = ("crowdflower", "homedepot", "esci", "table")
 SPLITS = ("train", "val", "test")
 # Ids are keys, not text: a longer one is a shifted column or a pasted blob.
 MAX_ID_CHARS = 256
-
-
-@dataclass
-class PrepareConfig:
-    """Settings of the `prepare` stage of the TaoSR1 pipeline."""
-
-    seed: int = field(default=0, metadata={"help": "Seed of the query split (and of query subsampling)."})
-    val_fraction: float = field(default=0.1, metadata={"help": "Share of queries in the validation split."})
-    test_fraction: float = field(default=0.2, metadata={"help": "Share of queries in the test split."})
-    max_bad_fraction: float = field(
-        default=0.05,
-        metadata={"help": "Fail the stage when more than this share of rows is quarantined (a broken file)."},
-    )
-    max_query_chars: int = field(default=300, metadata={"help": "Longer queries are quarantined as oversized."})
-    max_text_chars: int = field(
-        default=20_000, metadata={"help": "Titles or descriptions longer than this are quarantined as oversized."}
-    )
-    homedepot_cuts: list[float] = field(
-        default_factory=lambda: [1.5, 2.25, 2.75],
-        metadata={
-            "help": "Cut points on Home Depot's 1-3 rater mean: <=c1 -> 1 Irrelevant, <=c2 -> 2 Mismatch, "
-            "<=c3 -> 3 Related, above -> 4 Excellent. The defaults put the common values 1.0/1.33 in 1, "
-            "1.67/2.0 in 2, 2.33/2.67 in 3 and only unanimous 3.0 in 4."
-        },
-    )
-    columns: dict[str, str] = field(
-        default_factory=dict,
-        metadata={
-            "help": "For dataset=table: canonical column -> source column (query, title, label required; "
-            "query_id, item_id, description optional). Other datasets have fixed mappings."
-        },
-    )
-    label_map: dict[str, int] = field(
-        default_factory=dict,
-        metadata={"help": "For dataset=table: source label value -> level 1-4. Empty: labels must be 1-4."},
-    )
-    max_queries: int = field(
-        default=0, metadata={"help": "Keep only this many queries (seeded choice) before splitting; 0 keeps all."}
-    )
-    engine: str = field(default="ray", metadata={"help": f"{' or '.join(ENGINES)}: ray (Ray Data map_batches) or "
-                                                          "pandas (in-process)."})
-    batch_size: int = field(default=8192, metadata={"help": "Rows per Ray Data batch."})
 
 
 # ---------------------------------------------------------------------------------------------------- reading

@@ -11,6 +11,8 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
+from pipelines.data.config import ENGINES
+
 LEVELS = (4, 3, 2, 1)
 LEVEL_NAMES = {4: "Excellent", 3: "Related", 2: "Mismatch", 1: "Irrelevant"}
 
@@ -38,7 +40,6 @@ QUARANTINE_SCHEMA = pa.schema(
     ]
 )
 
-ENGINES = ("ray", "pandas")
 # How many distinct reasons the summary's `quarantine_reasons` table lists before it folds the rest into one
 # row: a reason quotes the input (label '7'), so a broken file could otherwise put thousands of rows there.
 REASON_TABLE_ROWS = 20
@@ -84,10 +85,10 @@ def map_batches(frame: pd.DataFrame, fn: Callable[..., pd.DataFrame], *, engine:
         raise DataError(f"prepare.engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     if engine == "pandas" or frame.empty:  # Ray Data drops the columns of an empty result
         return fn(frame, **kwargs)
-    from pipelines.raycluster import ensure_ray
+    from pipelines.raycluster import ensure_ray  # kept out of a model's carried code
 
     ensure_ray()
-    import ray.data
+    import ray.data  # heavy: loaded only when used
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds = ray.data.from_pandas(frame).map_batches(fn, fn_kwargs=kwargs, batch_format="pandas", batch_size=batch_size)

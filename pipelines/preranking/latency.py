@@ -39,13 +39,13 @@ honest one).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from pipelines.data.clicks import FeatureSpec
+from pipelines.preranking.config import LatencyConfig
 from pipelines.preranking.models import Student
 
 __all__ = ["LatencyConfig", "LatencyModel", "measure_cost_table", "measure_model_us", "measure_models_us",
@@ -53,37 +53,7 @@ __all__ = ["LatencyConfig", "LatencyModel", "measure_cost_table", "measure_model
            "validate_latency_model"]
 
 
-@dataclass
-class LatencyConfig:
-    """Settings of the `latency` stage; it also fixes the search space that the search stage uses."""
-
-    batch: int = field(default=1000, metadata={"help": "Candidates per timed forward pass."})
-    repeats: int = field(default=50, metadata={"help": "Timings per measurement; the median is kept."})
-    inner: int = field(default=1, metadata={"help": "Calls per timing (their mean is one timing)."})
-    warmup: int = field(default=5, metadata={"help": "Untimed calls before timing."})
-    threads: int = field(default=1, metadata={"help": "torch intra-op threads while timing (1: one serving "
-                                                      "thread per request, and stable on a shared machine)."})
-    clock: str = field(default="thread_cpu", metadata={"help": "thread_cpu: CPU time of the timing thread "
-                                                                "(process CPU time when threads > 1); wall: "
-                                                                "elapsed time. See the module docstring."})
-    embedding_dim: int = field(default=8, metadata={"help": "Search space: embedding size of every feature."})
-    widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256],
-                              metadata={"help": "Search space: candidate MLP widths of each mixed layer."})
-    n_layers: int = field(default=3, metadata={"help": "Search space: mixed layers (layer 1 has no skip)."})
-    input_grid: int = field(default=6, metadata={"help": "Grid points (feature counts) for the first layer."})
-    calibration_archs: int = field(default=5, metadata={"help": "Random architectures that set the intercept."})
-    validate_archs: int = field(default=20, metadata={"help": "Random architectures for the validation."})
-    default_retrieval_cost_us: float = field(
-        default=0.0, metadata={"help": "Retrieval cost per feature where the data has no feature_meta.json."})
-    seed: int = field(default=0, metadata={"help": "Seed of the batch and the random architectures."})
-
-
-CLOCKS = ("thread_cpu", "wall")
-
-
 def _clock(cfg: LatencyConfig):
-    if cfg.clock not in CLOCKS:
-        raise ValueError(f"latency.clock={cfg.clock!r}: choose one of {CLOCKS}")
     if cfg.clock == "wall":
         return time.perf_counter_ns
     return time.thread_time_ns if cfg.threads == 1 else time.process_time_ns

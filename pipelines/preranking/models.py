@@ -319,7 +319,7 @@ def model_features(arch: dict[str, Any], spec: FeatureSpec) -> list[str]:
 
 def save_model(model: nn.Module, arch: dict[str, Any], spec: FeatureSpec, out_dir: Path) -> Path:
     """Write model.safetensors + arch.json + feature_spec.json into `out_dir`."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # heavy: loaded only when used
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -332,7 +332,7 @@ def save_model(model: nn.Module, arch: dict[str, Any], spec: FeatureSpec, out_di
 
 def load_model(model_dir: Path) -> tuple[nn.Module, dict[str, Any], FeatureSpec]:
     """Inverse of `save_model`; the model comes back in eval mode."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # heavy: loaded only when used
 
     model_dir = Path(model_dir)
     for name in (ARCH_FILE, WEIGHTS_FILE, SPEC_FILE):

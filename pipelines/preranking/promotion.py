@@ -21,58 +21,29 @@ The gate (decision recorded as the stage's decision.json, MLflow metrics and tag
 - a champion whose feature encoding (feature_spec.json) differs from the run's prepare output cannot be
   scored on these rows: the champion is kept and the reason says so.
 
-The registry lock (keyed by registry and model name, not by artifact root), the champion move (alias, champion
-history for `searchrel rollback searchrel-autofas` and decision tag through one write-ahead record that the next
-promote or rollback completes after a crash) and registration (`register_version`, idempotent per run key and
-source) are the shared helpers of `pipelines.relevance.promotion`, used by the TaoSR1 gate too.
+The promotion itself (the registry lock keyed by registry and model name, not by artifact root; the
+already-champion replay; the decision record and the champion move through one write-ahead record that the next
+promote or rollback completes after a crash; `searchrel rollback searchrel-autofas`) and registration
+(`register_version`, idempotent per run key and source) are `pipelines.registry`'s, shared with the TaoSR1
+gate: this module supplies only the AutoFAS measure and gate.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import GATE, gate_settings
-from pipelines.relevance.promotion import (
-    CHAMPION,
-    Decision,
-    _alias_version,
-    already_champion,
-    champion_session,
-    record_decision,
-)
+import mlflow.artifacts
+
+from pipelines import registry
+from pipelines.config import gate_settings
+from pipelines.preranking.config import PromoteConfig
+from pipelines.registry import Decision, Measured
 
 __all__ = ["PromoteConfig", "gate", "promote_version"]
-
-DEFAULT_NAME = "searchrel-autofas"
-
-
-@dataclass
-class PromoteConfig:
-    """Settings of the `promote` stage (the AutoFAS promotion gate)."""
-
-    model_name: str = field(default=DEFAULT_NAME, metadata={"help": "Registered model name in MLflow."})
-    min_auc_gain: float = field(default=0.001, metadata={GATE: True,
-        "help": "The challenger's test AUC must exceed the champion's (or, with no champion, the logistic "
-                "baseline's) by more than this."})
-    latency_tolerance: float = field(default=0.1, metadata={GATE: True,
-        "help": "The challenger's measured latency may exceed the champion's (timed side by side) or the "
-                "first champion's budget by at most this fraction (timing noise)."})
-    latency_budget_us: float = field(default=0.0, metadata={GATE: True,
-        "help": "With no champion yet: latency budget per batch of candidates (us); 0 = the budget the "
-                "register stage used (registered.json)."})
-    first_baseline: str = field(default="logistic", metadata={GATE: True,
-        "help": "With no champion yet: logistic (the first model must beat the run's logistic-regression "
-                "baseline on the same rows) or none (no AUC bar; the latency budget still applies)."})
-    eval_split: str = field(default="test", metadata={GATE: True,
-        "help": "Which split of the run's prepare stage is the frozen evaluation set (test or val)."})
-    max_rows: int = field(default=0, metadata={"help": "Seeded subsample of the evaluation rows; 0 = all."})
-    seed: int = field(default=0, metadata={"help": "Seed of the subsample."})
-    latency_repeats: int = field(default=30, metadata={"help": "Timed rounds per model (median kept)."})
-    lock_timeout_s: float = field(default=3600.0, metadata={
-        "help": "How long to wait for another promotion of the same model to finish."})
 
 
 def gate(challenger: dict, champion: dict | None, baseline: dict | None, budget_us: float,
@@ -105,8 +76,6 @@ def gate(challenger: dict, champion: dict | None, baseline: dict | None, budget_
 
 
 def _registry_model_dir(name: str, version: str) -> Path:
-    import mlflow.artifacts
-
     uri = f"models:/{name}/{version}"
     # MLflow keeps the `model` artifact under the saved folder's own name (the retrained model's slug).
     found = sorted(Path(mlflow.artifacts.download_artifacts(uri)).glob("artifacts/*/arch.json"))
@@ -119,9 +88,15 @@ def _registry_model_dir(name: str, version: str) -> Path:
 def measure(models: dict[str, Path], prepare_dir: Path, latency_dir: Path, cfg: PromoteConfig
             ) -> dict[str, dict[str, Any]]:
     """Test AUC and latency of each saved model folder, on the same rows and timed in the same rounds."""
-    from pipelines.preranking.latency import LatencyConfig, measure_models_us
-    from pipelines.preranking.models import load_model, model_features
-    from pipelines.preranking.training import auc, load_click_data, predict, read_meta, read_spec
+    from pipelines.preranking.latency import LatencyConfig, measure_models_us  # heavy: loads torch
+    from pipelines.preranking.models import load_model, model_features  # heavy: loads torch
+    from pipelines.preranking.training import (  # heavy: loads torch
+        auc,
+        load_click_data,
+        predict,
+        read_meta,
+        read_spec,
+    )
 
     spec, meta = read_spec(prepare_dir), read_meta(prepare_dir)
     table = json.loads((Path(latency_dir) / "cost_table.json").read_text())
@@ -150,43 +125,40 @@ def measure(models: dict[str, Path], prepare_dir: Path, latency_dir: Path, cfg: 
     return out
 
 
+def measure_versions(name: str, challenger_version: str, champion_version: str | None, *, prepare_dir: Path,
+                     latency_dir: Path, baseline_dir: Path | None, cfg: PromoteConfig) -> Measured:
+    """`measure` of the challenger and the champion from the registry (with no champion: the run's logistic
+    baseline, when `first_baseline` is logistic). A champion on another feature encoding is incomparable."""
+    models = {"challenger": _registry_model_dir(name, challenger_version)}
+    if champion_version:
+        models["champion"] = _registry_model_dir(name, champion_version)
+    elif cfg.first_baseline == "logistic":
+        if baseline_dir is None or not (Path(baseline_dir) / "arch.json").exists():
+            raise FileNotFoundError(f"no logistic baseline at {baseline_dir}: rerun retrain with "
+                                    "retrain.baselines=true, or set promote.first_baseline=none")
+        models["baseline"] = Path(baseline_dir)
+    measured = measure(models, prepare_dir, latency_dir, cfg)
+    challenger, champion, baseline = (measured.get(k) for k in ("challenger", "champion", "baseline"))
+    if not challenger["comparable"]:
+        raise ValueError(f"{name} version {challenger_version} was trained on another feature encoding than "
+                         f"{prepare_dir}/feature_spec.json; promote it from the run that registered it")
+    incomparable = None
+    if champion is not None and not champion["comparable"]:
+        incomparable = (f"champion version {champion_version} uses another feature encoding than this run's "
+                        "prepare output, so it cannot be scored on the same rows; kept it (promote by hand after "
+                        "comparing on common data)")
+    return Measured(challenger, champion, baseline, challenger.get("rows", 0), incomparable=incomparable)
+
+
 def promote_version(root: Path | None, name: str, challenger_version: str, prepare_dir: Path, latency_dir: Path,
                     baseline_dir: Path | None, budget_us: float, cfg: PromoteConfig,
                     eval_digest: str = "") -> Decision:
     """Run the gate for `challenger_version` and move `champion` if it passes; returns the recorded decision.
 
-    `root` (the artifact root) is not used: the lock is the registry's."""
-    if cfg.eval_split not in ("test", "val"):
-        raise ValueError(f"promote.eval_split must be test or val, not {cfg.eval_split!r}")
-    if cfg.first_baseline not in ("logistic", "none"):
-        raise ValueError(f"promote.first_baseline must be logistic or none, not {cfg.first_baseline!r}")
-    challenger_version = str(challenger_version)
+    `root` (the artifact root) is not used: the lock is the registry's (pipelines/registry.py)."""
     settings = {**gate_settings(cfg), "budget_us": budget_us}  # the budget: the profile's or the register's
-    with champion_session(name, cfg.lock_timeout_s) as (client, _):
-        champion_version = _alias_version(client, name, CHAMPION)
-        if champion_version == challenger_version:
-            return already_champion(client, name, challenger_version, champion_version, eval_digest, settings)
-        models = {"challenger": _registry_model_dir(name, challenger_version)}
-        if champion_version:
-            models["champion"] = _registry_model_dir(name, champion_version)
-        elif cfg.first_baseline == "logistic":
-            if baseline_dir is None or not (Path(baseline_dir) / "arch.json").exists():
-                raise FileNotFoundError(f"no logistic baseline at {baseline_dir}: rerun retrain with "
-                                        "retrain.baselines=true, or set promote.first_baseline=none")
-            models["baseline"] = Path(baseline_dir)
-        measured = measure(models, prepare_dir, latency_dir, cfg)
-        challenger, champion, baseline = (measured.get(k) for k in ("challenger", "champion", "baseline"))
-        n_rows = challenger.get("rows", 0)
-        if not challenger["comparable"]:
-            raise ValueError(f"{name} version {challenger_version} was trained on another feature encoding than "
-                             f"{prepare_dir}/feature_spec.json; promote it from the run that registered it")
-        if champion is not None and not champion["comparable"]:
-            promoted, reason = False, (f"champion version {champion_version} uses another feature encoding than "
-                                       "this run's prepare output, so it cannot be scored on the same rows; "
-                                       "kept it (promote by hand after comparing on common data)")
-        else:
-            promoted, reason = gate(challenger, champion, baseline, budget_us, cfg)
-        decision = Decision(promoted, reason, challenger_version, champion_version, challenger, champion,
-                            baseline, eval_rows=n_rows, eval_digest=eval_digest, gate_settings=settings)
-        record_decision(client, name, decision)
-        return decision
+    versions = partial(measure_versions, prepare_dir=prepare_dir, latency_dir=latency_dir, baseline_dir=baseline_dir,
+                       cfg=cfg)
+    return registry.promote(name, challenger_version, measure=versions,
+                            gate=lambda m: gate(m.challenger, m.champion, m.baseline, budget_us, cfg),
+                            settings=settings, lock_timeout=cfg.lock_timeout_s, eval_digest=eval_digest)

@@ -15,26 +15,15 @@ targets, from the retrain stage's test scores.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from pipelines.preranking.config import ReportConfig
+
 __all__ = ["ReportConfig", "build_report", "pareto_front", "pareto_figure"]
-
-
-@dataclass
-class ReportConfig:
-    """Settings of the `report` stage."""
-
-    n_boot: int = field(default=1000, metadata={"help": "Bootstrap resamples for every interval."})
-    recall_k: int = field(default=10, metadata={"help": "K of recall@K against the teacher's top-K per user."})
-    teacher_auc_ratio: float = field(default=0.99, metadata={"help": "Target: share of the teacher's AUC..."})
-    teacher_latency_ratio: float = field(default=0.2, metadata={"help": "...at this share of its latency."})
-    search_time_ratio: float = field(default=1.5, metadata={"help": "Target: search wall time / teacher time."})
-    seed: int = field(default=0, metadata={"help": "Seed of the bootstrap."})
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -49,10 +38,10 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def pareto_figure(rows: list[dict[str, Any]], title: str):
-    import matplotlib
+    import matplotlib  # heavy: loaded only when used
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: loaded only when used
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     styles = {"teacher": ("k", "*", 14), "baseline": ("tab:gray", "s", 7), "searched": ("tab:red", "o", 8),
@@ -82,7 +71,11 @@ def pareto_figure(rows: list[dict[str, Any]], title: str):
 
 def build_report(retrain_dir: Path, search: dict[str, Any], teacher_summary: dict[str, Any],
                  ground_truth: dict[str, Any] | None, cfg: ReportConfig) -> dict[str, Any]:
-    from pipelines.preranking.training import bootstrap_auc, paired_auc_difference, recall_at_k
+    from pipelines.preranking.training import (  # heavy: loads torch
+        bootstrap_auc,
+        paired_auc_difference,
+        recall_at_k,
+    )
 
     results = json.loads((Path(retrain_dir) / "results.json").read_text())
     scores = pd.read_parquet(Path(retrain_dir) / "test_scores.parquet")

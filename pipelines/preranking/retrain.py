@@ -21,39 +21,19 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from pipelines.preranking.config import RetrainConfig
+from pipelines.preranking.teacher import read_teacher_logits
+
 __all__ = ["RetrainConfig", "run_retrain"]
 
 RESULTS_FILE = "results.json"
 SCORES_FILE = "test_scores.parquet"
-
-
-@dataclass
-class RetrainConfig:
-    """Settings of the `retrain` stage."""
-
-    epochs: int = field(default=6, metadata={"help": "Most epochs per model (early stopping on val AUC)."})
-    patience: int = field(default=2, metadata={"help": "Epochs without val AUC gain before stopping."})
-    batch_size: int = field(default=1024, metadata={"help": "Rows per step."})
-    lr: float = field(default=3e-3, metadata={"help": "Adam learning rate."})
-    kd_weight: float = field(default=1.0, metadata={"help": "Distillation weight for distilled models."})
-    kd_temperature: float = field(default=1.0, metadata={"help": "Distillation temperature."})
-    max_train_rows: int = field(default=0, metadata={"help": "Seeded subsample of train rows; 0 = all."})
-    mlp_widths: list[int] = field(default_factory=lambda: [64, 32], metadata={"help": "Hand-made MLP widths."})
-    cold_widths: list[int] = field(default_factory=lambda: [256, 128, 64],
-                                   metadata={"help": "COLD-like MLP widths (COLD: 1024-512-256-128-64)."})
-    two_tower_widths: list[int] = field(default_factory=lambda: [64, 32],
-                                        metadata={"help": "Tower widths (the last is the dot-product size)."})
-    baselines: bool = field(default=True, metadata={"help": "Train the hand-made baselines too."})
-    latency_repeats: int = field(default=30, metadata={"help": "Timings per model (median kept)."})
-    threads: int = field(default=2, metadata={"help": "torch threads for training."})
-    seed: int = field(default=0, metadata={"help": "Seed of initialisation, order and subsample."})
 
 
 def _candidates(search: dict[str, Any], spec, sides: dict[str, str], dim: int, cfg: RetrainConfig):
@@ -90,12 +70,24 @@ def _student(arch: dict[str, Any]) -> dict[str, Any]:
 def run_retrain(prepare_dir: Path, teacher_dir: Path, latency_dir: Path, search_dir: Path, out_dir: Path,
                 cfg: RetrainConfig, log=None) -> dict[str, Any]:
     """Train every candidate, time it, write `models/<slug>/`, `test_scores.parquet` and `results.json`."""
-    import torch
+    import torch  # heavy: loaded only when used
 
-    from pipelines.preranking.latency import LatencyConfig, LatencyModel, measure_models_us
-    from pipelines.preranking.models import build_model, feature_sides, load_model, model_features, save_model
-    from pipelines.preranking.teacher import read_teacher_logits
-    from pipelines.preranking.training import auc, fit, load_click_data, predict, read_meta, read_spec
+    from pipelines.preranking.latency import LatencyConfig, LatencyModel, measure_models_us  # heavy: torch
+    from pipelines.preranking.models import (  # heavy: loads torch
+        build_model,
+        feature_sides,
+        load_model,
+        model_features,
+        save_model,
+    )
+    from pipelines.preranking.training import (  # heavy: loads torch
+        auc,
+        fit,
+        load_click_data,
+        predict,
+        read_meta,
+        read_spec,
+    )
 
     torch.set_num_threads(cfg.threads)
     out_dir = Path(out_dir)

@@ -48,7 +48,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -56,44 +56,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipelines.preranking.config import SearchConfig
 from pipelines.preranking.latency import LatencyModel, random_arch
 from pipelines.preranking.models import Student, Supernet
 from pipelines.preranking.training import ClickData, auc, fit, kd_loss, predict
+from pipelines.raycluster import ensure_ray
 
 __all__ = ["SearchConfig", "pick_random_matches", "run_search", "train_supernet"]
-
-
-@dataclass
-class SearchConfig:
-    """Settings of the `search` stage (the search space itself comes from the latency stage's table)."""
-
-    lambdas: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.2, 0.8],
-                                 metadata={"help": "Latency weights, one Tune run each (see module docstring)."})
-    seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": "Seeds per lambda (trials)."})
-    epochs: int = field(default=4, metadata={"help": "Supernet epochs per trial (ASHA's max_t)."})
-    warmup_epochs: int = field(default=1, metadata={"help": "Epochs of weight-only updates first."})
-    batch_size: int = field(default=1024, metadata={"help": "Rows per weight / architecture step."})
-    lr: float = field(default=3e-3, metadata={"help": "Adam learning rate of the supernet weights."})
-    arch_lr: float = field(default=2e-2, metadata={"help": "Adam learning rate of gate and op logits."})
-    arch_fraction: float = field(default=0.2, metadata={"help": "Share of train rows for architecture steps."})
-    gate_init: float = field(default=1.0, metadata={"help": "Initial gate logit (sigmoid(1) = 0.73 kept)."})
-    gate_threshold: float = field(default=0.5, metadata={"help": "Keep a feature when its probability exceeds it."})
-    tau_start: float = field(default=1.0, metadata={"help": "Gumbel temperature at the first epoch."})
-    tau_end: float = field(default=0.2, metadata={"help": "Gumbel temperature at the last epoch."})
-    kd_weight: float = field(default=1.0, metadata={"help": "Weight of the distillation term."})
-    kd_temperature: float = field(default=1.0, metadata={"help": "Distillation temperature."})
-    max_train_rows: int = field(default=0, metadata={"help": "Seeded subsample of train rows; 0 = all."})
-    max_val_rows: int = field(default=50_000, metadata={"help": "Seeded subsample of val rows for trial AUC."})
-    grace_period: int = field(default=1, metadata={"help": "ASHA: epochs before a trial can be stopped (set it "
-                                                           "past warmup_epochs: warm-up AUCs compare nothing)."})
-    reduction_factor: int = field(default=2, metadata={"help": "ASHA reduction factor."})
-    max_concurrent: int = field(default=2, metadata={"help": "Trials at once (Ray Tune)."})
-    cpus_per_trial: float = field(default=1.0, metadata={"help": "Ray CPUs per trial (2 concurrent on 2 CPUs)."})
-    trial_threads: int = field(default=1, metadata={"help": "torch threads inside a trial."})
-    random_search: bool = field(default=True, metadata={"help": "Run the random-architecture baseline."})
-    shared_warmup: bool = field(default=True, metadata={
-        "help": "Warm up once per seed and start every lambda's trial from it (see module docstring); off = "
-                "each trial runs its own warm-up."})
 
 
 def _tau(cfg: SearchConfig, epoch: int) -> float:
@@ -188,8 +157,8 @@ def _warm_file(warm_dir: Path, seed: int) -> Path:
 
 def _warmup_trainable(config: dict[str, Any], train=None, val=None, teacher=None, table=None, cfg=None, spec=None,
                       warm_dir=None):
-    from ray import tune
-    from safetensors.torch import save_file
+    from ray import tune  # heavy: loaded only when used
+    from safetensors.torch import save_file  # heavy: loaded only when used
 
     torch.set_num_threads(cfg.trial_threads)
     seed = int(config["seed"])
@@ -202,8 +171,8 @@ def _warmup_trainable(config: dict[str, Any], train=None, val=None, teacher=None
 
 def _nas_trainable(config: dict[str, Any], train=None, val=None, teacher=None, table=None, cfg=None, spec=None,
                    warm_dir=None):
-    from ray import tune
-    from safetensors.torch import load_file
+    from ray import tune  # heavy: loaded only when used
+    from safetensors.torch import load_file  # heavy: loaded only when used
 
     torch.set_num_threads(cfg.trial_threads)
     seed = int(config["seed"])
@@ -214,7 +183,7 @@ def _nas_trainable(config: dict[str, Any], train=None, val=None, teacher=None, t
 
 def _random_trainable(config: dict[str, Any], train=None, val=None, teacher=None, table=None, cfg=None,
                       spec=None):
-    from ray import tune
+    from ray import tune  # heavy: loaded only when used
 
     torch.set_num_threads(cfg.trial_threads)
     arch = json.loads(config["arch"])
@@ -234,8 +203,8 @@ def _random_trainable(config: dict[str, Any], train=None, val=None, teacher=None
 
 def _tune(trainable, param_space: dict[str, Any], cfg: SearchConfig, storage: Path, name: str, data: dict,
           asha: bool) -> list[dict[str, Any]]:
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray import tune  # heavy: loaded only when used
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # heavy: loaded only when used
 
     scheduler = ASHAScheduler(time_attr="epoch", max_t=max(cfg.epochs, 1),
                               grace_period=min(cfg.grace_period, cfg.epochs),
@@ -278,9 +247,7 @@ def run_search(train: ClickData, val: ClickData, teacher_train: np.ndarray | Non
                cfg: SearchConfig, spec, scratch: Path, log_trial=None) -> dict[str, Any]:
     """All NAS trials (one Tune run per lambda) and the random baseline; returns what the stage writes.
     `log_trial(kind, trial)` is called in the driver for each finished trial (MLflow logging)."""
-    from ray import tune
-
-    from pipelines.raycluster import ensure_ray
+    from ray import tune  # heavy: loaded only when used
 
     if not cfg.lambdas or not cfg.seeds:
         raise ValueError("search.lambdas and search.seeds must each list at least one value")

@@ -15,12 +15,18 @@ the column) a value it cannot convert, such as a string or a null id, and itself
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import tempfile
 from pathlib import Path
 
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+from pipelines.preranking.config import RegisterConfig
+from pipelines.scoring_server import check_request_rows, pinned_requirements, row_limit, stage_code
 
 __all__ = ["MAX_ROWS_PER_REQUEST", "InvalidFeatures", "PreRankerModel", "RegisterConfig", "checked_features",
            "PYFUNC_MODULES", "REQUIREMENTS", "choose_model", "log_preranker", "pip_requirements", "score_frame"]
@@ -37,7 +43,7 @@ class InvalidFeatures(ValueError):
 
 def score_frame(model, spec, frame: pd.DataFrame) -> np.ndarray:
     """Click probabilities for the rows of `frame` (encoded columns; extra columns are ignored)."""
-    import torch
+    import torch  # heavy: loaded only when used
 
     missing = [c for c in spec.output_columns() if c not in frame.columns]
     if missing:
@@ -110,18 +116,12 @@ class PreRankerModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper: `load_context` rebuilds the student from the artifacts, `predict` scores a table."""
 
     def load_context(self, context) -> None:
-        from pipelines.preranking.models import load_model
-        from pipelines.scoring_server import row_limit
+        from pipelines.preranking.models import load_model  # heavy: loads torch
 
         self.model, self.arch, self.spec = load_model(Path(context.artifacts["model"]))
         self.max_rows = row_limit(MAX_ROWS_PER_REQUEST)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
-        from pipelines.scoring_server import check_request_rows
-
         frame = pd.DataFrame(model_input)
         check_request_rows(len(frame), self.max_rows)
         try:
@@ -142,20 +142,13 @@ REQUIREMENTS = ["mlflow", "torch", "safetensors", "pandas", "numpy", "pyarrow"]
 def pip_requirements() -> list[str]:
     """The serving environment: the distributions the pyfunc's code imports, at the versions this process runs
     with (searchrel itself is not one: the model carries its code)."""
-    from pipelines.scoring_server import pinned_requirements
-
     return pinned_requirements(REQUIREMENTS)
 
 
 def log_preranker(model_dir: Path, example: pd.DataFrame, *, registered_model_name: str | None = None,
                   name: str = "preranker"):
     """Log (and optionally register) a saved student folder as a pyfunc; returns MLflow's ModelInfo."""
-    import tempfile
-
-    from mlflow.models import infer_signature
-
-    from pipelines.preranking.models import load_model
-    from pipelines.scoring_server import stage_code
+    from pipelines.preranking.models import load_model  # heavy: loads torch
 
     model, _, spec = load_model(model_dir)
     example = example[spec.output_columns()].reset_index(drop=True)
@@ -167,21 +160,6 @@ def log_preranker(model_dir: Path, example: pd.DataFrame, *, registered_model_na
             signature=infer_signature(example, output), input_example=example,
             pip_requirements=pip_requirements(), registered_model_name=registered_model_name,
         )
-
-
-@dataclass
-class RegisterConfig:
-    """Settings of the `register` stage."""
-
-    model_name: str = field(default="searchrel-autofas", metadata={"help": "Registered model name in MLflow."})
-    alias: str = field(default="challenger", metadata={"help": "Alias given to the new version (promotion to "
-                                                                 "champion happens elsewhere)."})
-    latency_budget_us: float = field(default=0.0, metadata={"help": "Latency budget per 1,000 candidates (us); "
-                                                                      "0 = budget_fraction x the teacher's."})
-    budget_fraction: float = field(default=0.2, metadata={"help": "Budget as a share of the teacher's latency."})
-    kinds: list[str] = field(default_factory=lambda: ["searched", "random", "baseline"],
-                             metadata={"help": "Which retrained models may be registered."})
-    example_rows: int = field(default=5, metadata={"help": "Test rows logged as the input example."})
 
 
 def choose_model(results: list[dict], cfg: RegisterConfig) -> tuple[dict, float, bool]:

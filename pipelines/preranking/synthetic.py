@@ -41,46 +41,18 @@ Rows are assigned to splits at random (seeded) with `val_fraction` / `test_fract
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from pipelines.data.clicks import LOG1P_CLIP0, SPLITS, Feature, FeatureSpec
+from pipelines.data.config import SyntheticConfig
+from pipelines.data.schema import QUARANTINE_SCHEMA
 
 __all__ = ["SyntheticConfig", "feature_roles", "generate_synthetic"]
-
-
-@dataclass
-class SyntheticConfig:
-    """Size and ground truth of the synthetic click set (`--dataset synthetic`)."""
-
-    rows: int = field(default=200_000, metadata={"help": "Rows in total (all splits)."})
-    chunk_rows: int = field(default=250_000, metadata={"help": "Rows generated per chunk; part of the seed: "
-                                                                 "changing it changes the rows."})
-    users: int = field(default=2_000, metadata={"help": "Distinct users (user_id cardinality)."})
-    items: int = field(default=1_000, metadata={"help": "Distinct items (item_id cardinality)."})
-    cardinality: int = field(default=50, metadata={"help": "Values per main/interaction/noise feature."})
-    n_main: int = field(default=4, metadata={"help": "Categorical main-effect features main_0..."})
-    n_interaction_pairs: int = field(default=2, metadata={"help": "Pairs inter_{p}a/inter_{p}b that act only "
-                                                                  "through their product."})
-    n_noise: int = field(default=4, metadata={"help": "Categorical pure-noise features noise_0..."})
-    n_redundant: int = field(default=2, metadata={"help": "Noisy copies copy_main_k of the first main features."})
-    numeric: bool = field(default=True, metadata={"help": "Add `price` (numeric main effect) and `noise_num`."})
-    base_logit: float = field(default=-1.0, metadata={"help": "Intercept of the click logit."})
-    main_scale: float = field(default=0.6, metadata={"help": "Std of each main feature's per-value effect."})
-    inter_scale: float = field(default=0.7, metadata={"help": "Size of each interaction pair's +-effect."})
-    id_scale: float = field(default=0.4, metadata={"help": "Std of the user and item biases."})
-    affinity: float = field(default=0.6, metadata={"help": "Weight of the user-item latent dot product."})
-    affinity_dim: int = field(default=4, metadata={"help": "Dimension of the user/item latent vectors."})
-    price_coef: float = field(default=-0.5, metadata={"help": "Effect of standardised log(price)."})
-    copy_noise: float = field(default=0.1, metadata={"help": "Share of a redundant copy's rows replaced at random."})
-    retrieval_cost_low_us: float = field(default=5.0, metadata={"help": "Simulated fetch cost, lower bound "
-                                                                          "(us per 1,000 candidates)."})
-    retrieval_cost_high_us: float = field(default=40.0, metadata={"help": "Simulated fetch cost, upper bound."})
-    val_fraction: float = field(default=0.1, metadata={"help": "Share of rows in val (seeded per row)."})
-    test_fraction: float = field(default=0.1, metadata={"help": "Share of rows in test (seeded per row)."})
 
 
 def feature_roles(cfg: SyntheticConfig) -> dict[str, dict[str, str]]:
@@ -189,11 +161,8 @@ def _cardinality(cfg: SyntheticConfig, name: str) -> int:
 
 def generate_synthetic(cfg: SyntheticConfig, out_dir: Path, seed: int = 0, min_count: int = 2) -> dict[str, Any]:
     """Write the synthetic click set to `out_dir` (layout of `prepare_clicks`); returns the prepare summary."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from sklearn.metrics import roc_auc_score
-
-    from pipelines.data.schema import QUARANTINE_SCHEMA
+    import pyarrow.parquet as pq  # heavy: loaded only when used
+    from sklearn.metrics import roc_auc_score  # heavy: loaded only when used
 
     _check(cfg)
     if min_count < 1:

@@ -3,7 +3,6 @@ logits on every row of every split are saved for distillation and for the recall
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,27 +10,11 @@ import numpy as np
 import pandas as pd
 
 from pipelines.data.clicks import SPLITS
+from pipelines.preranking.config import TeacherConfig
 
 __all__ = ["TeacherConfig", "read_teacher_logits", "train_teacher"]
 
 LOGITS_FILE = "{split}_logits.parquet"
-
-
-@dataclass
-class TeacherConfig:
-    """Settings of the `teacher` stage."""
-
-    embedding_dim: int = field(default=16, metadata={"help": "Embedding size of every feature."})
-    cross_layers: int = field(default=3, metadata={"help": "DCN-v2 cross layers."})
-    widths: list[int] = field(default_factory=lambda: [256, 128, 64], metadata={"help": "Deep MLP widths."})
-    epochs: int = field(default=6, metadata={"help": "Most epochs (early stopping on val AUC)."})
-    patience: int = field(default=2, metadata={"help": "Epochs without val AUC gain before stopping."})
-    batch_size: int = field(default=1024, metadata={"help": "Rows per step."})
-    lr: float = field(default=2e-3, metadata={"help": "Adam learning rate."})
-    weight_decay: float = field(default=0.0, metadata={"help": "Adam weight decay."})
-    max_train_rows: int = field(default=0, metadata={"help": "Seeded subsample of train rows; 0 = all."})
-    threads: int = field(default=2, metadata={"help": "torch threads for training."})
-    seed: int = field(default=0, metadata={"help": "Seed of initialisation, order and subsample."})
 
 
 def arch_of(cfg: TeacherConfig) -> dict[str, Any]:
@@ -41,10 +24,10 @@ def arch_of(cfg: TeacherConfig) -> dict[str, Any]:
 
 def train_teacher(prepare_dir: Path, out_dir: Path, cfg: TeacherConfig, log=None) -> dict[str, Any]:
     """Train, save `model/` (safetensors + arch.json), and write `<split>_logits.parquet` for every split."""
-    import torch
+    import torch  # heavy: loaded only when used
 
-    from pipelines.preranking.models import build_model, save_model
-    from pipelines.preranking.training import auc, fit, load_click_data, predict, read_spec
+    from pipelines.preranking.models import build_model, save_model  # heavy: loads torch, tqdm
+    from pipelines.preranking.training import auc, fit, load_click_data, predict, read_spec  # heavy: torch
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

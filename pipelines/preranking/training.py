@@ -98,7 +98,7 @@ def predict(model: nn.Module, data: ClickData, batch_size: int = 8192, **kwargs)
 
 
 def auc(y: np.ndarray, s: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import roc_auc_score  # heavy: loaded only when used
 
     return float(roc_auc_score(y, s))
 

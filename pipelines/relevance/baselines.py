@@ -23,7 +23,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +39,10 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 from tqdm.auto import tqdm
 
+from pipelines.relevance.config import BASELINES, BaselinesConfig, CrossEncoderConfig, LexicalConfig
 from pipelines.relevance.prompts import words
 
 LEVELS_ASC = (1, 2, 3, 4)  # column order of every probability array
-BASELINES = ("majority", "lexical", "cross_encoder")
 
 
 def _labels(df: pd.DataFrame) -> np.ndarray:
@@ -101,30 +101,6 @@ def _contains_phrase(needle: list[str], haystack: list[str]) -> bool:
     return f" {' '.join(needle)} " in f" {' '.join(haystack)} "
 
 
-@dataclass
-class LexicalConfig:
-    """Settings of the lexical-feature baseline."""
-
-    classifier: str = field(
-        default="auto",
-        metadata={
-            "help": '"logreg" (standardised features + LogisticRegression), "hgb" (HistGradientBoosting), or '
-            '"auto": fit both and keep the one with the higher validation macro-F1 (logreg without '
-            "validation data). Both use balanced class weights."
-        },
-    )
-    bm25_k1: float = field(default=1.2, metadata={"help": "BM25 term-frequency saturation k1."})
-    bm25_b: float = field(default=0.75, metadata={"help": "BM25 length normalisation b."})
-    seed: int = field(default=0, metadata={"help": "random_state of the gradient-boosting classifier."})
-    num_threads: int = field(
-        default=1,
-        metadata={
-            "help": "OpenMP/BLAS threads of the classifiers. 1 is as fast here (5k rows) and does not stall "
-            "when other processes share the cores, as busy-waiting OpenMP threads do."
-        },
-    )
-
-
 class LexicalBaseline:
     """Lexical query/item features and a scikit-learn classifier. Deterministic.
 
@@ -144,11 +120,7 @@ class LexicalBaseline:
     )
 
     def __init__(self, config: LexicalConfig | None = None) -> None:
-        self.config = config or LexicalConfig()
-        if self.config.classifier not in ("auto", "logreg", "hgb"):
-            raise ValueError(
-                f'lexical classifier must be "auto", "logreg" or "hgb", not {self.config.classifier!r}'
-            )
+        self.config = config or LexicalConfig()  # its classifier is one of its Literal's choices (check_choices)
         self.idf_: dict[str, float] = {}
         self.idf_unseen_: float = 0.0
         self.avg_title_len_: float = 1.0
@@ -266,48 +238,6 @@ def minilm_folder() -> str:
     return folder
 
 
-@dataclass
-class CrossEncoderConfig:
-    """Fine-tuning settings of the all-MiniLM-L6-v2 cross-encoder baseline."""
-
-    epochs: int = field(default=2, metadata={"help": "Passes over the (subsampled) training pairs."})
-    learning_rate: float = field(default=3e-5, metadata={"help": "AdamW learning rate of the encoder."})
-    head_learning_rate: float = field(
-        default=1e-3, metadata={"help": "AdamW learning rate of the linear head."}
-    )
-    weight_decay: float = field(
-        default=0.01, metadata={"help": "AdamW weight decay (not on biases/LayerNorm)."}
-    )
-    warmup_ratio: float = field(
-        default=0.1, metadata={"help": "Share of steps with linear warm-up; then linear decay to 0."}
-    )
-    batch_size: int = field(default=32, metadata={"help": "Training pairs per step."})
-    eval_batch_size: int = field(default=128, metadata={"help": "Pairs per forward pass when predicting."})
-    max_length: int = field(
-        default=64,
-        metadata={"help": "Token limit of the [CLS] query [SEP] title [SEP] input (longest part truncated)."},
-    )
-    max_train_rows: int = field(
-        default=0, metadata={"help": "Train on a seeded random subsample of this many rows; 0 uses them all."}
-    )
-    class_weighted: bool = field(
-        default=True,
-        metadata={"help": "Weight the cross-entropy by inverse level frequency (balanced), for macro-F1."},
-    )
-    pooling: str = field(
-        default="mean", metadata={"help": '"mean" (masked mean of the last layer) or "cls".'}
-    )
-    dropout: float = field(default=0.1, metadata={"help": "Dropout before the linear head."})
-    seed: int = field(
-        default=0, metadata={"help": "Seed of the head init, subsample, shuffling and dropout."}
-    )
-    num_threads: int = field(
-        default=2, metadata={"help": "torch CPU threads while training/predicting (capped at the CPU count)."}
-    )
-    device: str = field(default="auto", metadata={"help": '"auto" (CUDA when available), "cpu" or "cuda".'})
-    progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar while training."})
-
-
 class CrossEncoder(nn.Module):
     """A BERT-family encoder, pooling, dropout and a 4-way linear head (logit ``j`` = level ``j + 1``)."""
 
@@ -361,7 +291,7 @@ class CrossEncoderBaseline:
         self.train_rows: int = 0
 
     def _load_pretrained(self) -> None:
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoTokenizer  # heavy: loaded only when used
 
         folder = minilm_folder()
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -378,8 +308,6 @@ class CrossEncoderBaseline:
 
     def fit(self, train_df: pd.DataFrame) -> CrossEncoderBaseline:
         cfg = self.config
-        if cfg.pooling not in ("mean", "cls"):
-            raise ValueError(f'pooling must be "mean" or "cls", not {cfg.pooling!r}')
         rng = np.random.default_rng(cfg.seed)
         rows = np.arange(len(train_df))
         if cfg.max_train_rows and cfg.max_train_rows < len(rows):
@@ -466,7 +394,7 @@ class CrossEncoderBaseline:
         ``cross_encoder.json`` (settings, training rows, loss history)."""
         if self.model is None:
             raise RuntimeError("nothing to save: call fit() first")
-        from safetensors.torch import save_file
+        from safetensors.torch import save_file  # heavy: loaded only when used
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -488,8 +416,8 @@ class CrossEncoderBaseline:
     @classmethod
     def load(cls, folder: str | os.PathLike, device: str = "cpu") -> CrossEncoderBaseline:
         """Read a folder written by :meth:`save` (safetensors only; no pickle, no remote code)."""
-        from safetensors.torch import load_file
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from safetensors.torch import load_file  # heavy: loaded only when used
+        from transformers import AutoConfig, AutoModel, AutoTokenizer  # heavy: loaded only when used
 
         folder = Path(folder)
         if not (folder / _META_FILE).is_file() or not (folder / _WEIGHTS_FILE).is_file():
@@ -516,22 +444,6 @@ class CrossEncoderBaseline:
 
 
 # ---------------------------------------------------------------------------------------------------- runner
-
-
-@dataclass
-class BaselinesConfig:
-    """Which comparison rows to train, and their settings."""
-
-    baselines: list[str] = field(
-        default_factory=lambda: list(BASELINES),
-        metadata={"help": f"Baselines to run, any of {', '.join(BASELINES)}."},
-    )
-    lexical: LexicalConfig = field(
-        default_factory=LexicalConfig, metadata={"help": "Lexical baseline settings."}
-    )
-    cross_encoder: CrossEncoderConfig = field(
-        default_factory=CrossEncoderConfig, metadata={"help": "Cross-encoder baseline settings."}
-    )
 
 
 def run_baselines(

@@ -12,11 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+
+from pipelines.env import default_root
+from pipelines.raycluster import ensure_ray
 
 
 class _ScoringActor:
     def __init__(self, model_dir: str, batch_size: int) -> None:
-        from pipelines.relevance.serving import PairScorer, read_serving_card
+        from pipelines.relevance.serving import PairScorer, read_serving_card  # heavy: loads mlflow, tqdm
 
         settings = read_serving_card(Path(model_dir))
         settings.batch_size = batch_size
@@ -30,12 +34,10 @@ class _ScoringActor:
 def score_file(model: str, input_path: Path, output_path: Path, *, actors: int = 1, batch_size: int = 32,
                rows_per_task: int = 512) -> dict[str, Any]:
     """Score `input_path` into `output_path`; returns counts (rows, scored, errors)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import ray
+    import pyarrow.parquet as pq  # heavy: loaded only when used
+    import ray  # heavy: loaded only when used
 
-    from pipelines.raycluster import ensure_ray
-    from pipelines.relevance.serving import OUTPUT_COLUMNS, resolve_model
+    from pipelines.relevance.serving import OUTPUT_COLUMNS, resolve_model  # heavy: loads mlflow, tqdm
 
     input_path, output_path = Path(input_path), Path(output_path)
     if not input_path.exists():
@@ -48,8 +50,6 @@ def score_file(model: str, input_path: Path, output_path: Path, *, actors: int =
     clashes = [c for c in (*OUTPUT_COLUMNS, "error") if c in columns]
     if clashes:
         raise ValueError(f"{input_path}: column(s) {clashes} would be overwritten by the scores; rename them")
-    from pipelines.env import default_root
-
     model_dir = resolve_model(model, default_root())
     ensure_ray()
     ctx = ray.data.DataContext.get_current()

@@ -19,10 +19,10 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,51 +30,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipelines.config import build_config
+from pipelines.relevance.config import DPOConfig
 from pipelines.relevance.losses import dpo_loss, nll_loss, sequence_logps
 from pipelines.relevance.model_card import copy_card, read_model_card
+from pipelines.relevance.models import inference_device, load_model
+from pipelines.relevance.scoring import length_batches
 from pipelines.relevance.sft import collate, tokenize_examples
-from pipelines.training.config import TrainingConfig
+from pipelines.stage import path_digest
 from pipelines.training.runtime import TrainingWorker, resolve_training_dtype, run_training
 
 log = logging.getLogger(__name__)
 
 PAIRS_FILE = "dpo_pairs.parquet"  # token ids + reference log-probs, in the checkpoint folder
-
-
-@dataclass
-class DPOConfig(TrainingConfig):
-    """Settings of the `dpo` stage (TaoSR1 stage 2: DPO on pass@N pairs against the frozen SFT model)."""
-
-    beta: float = field(
-        default=0.1,
-        metadata={"help": "Temperature of the implicit reward beta * log(pi / pi_ref): higher keeps the policy "
-                  "closer to the reference (TRL's default 0.1)."},
-    )
-    label_smoothing: float = field(
-        default=0.0,
-        metadata={"help": "cDPO: assumed probability that a pair's preference is flipped, in [0, 0.5) (0 = plain "
-                  "DPO)."},
-    )
-    nll_weight: float = field(
-        default=0.0,
-        metadata={"help": "Weight of an NLL (SFT) term on the chosen responses added to the DPO loss (RPO, TRL's "
-                  "rpo_alpha); 0 = off."},
-    )
-    learning_rate: float = field(default=1e-6, metadata={"help": "Peak learning rate (AdamW); TRL's default 1e-6."})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "Share of steps with linear warm-up."})
-    lr_scheduler_type: Literal["linear", "cosine", "constant"] = field(
-        default="linear", metadata={"help": "Decay after the linear warm-up: linear, cosine or constant."})
-    per_device_train_batch_size: int = field(
-        default=4, metadata={"help": "Pairs per worker per forward pass (2x sequences: chosen and rejected)."})
-    max_pairs: int = field(default=0, metadata={"help": "Seeded subsample of the pairs; 0 = all."})
-    max_length: int = field(
-        default=384,
-        metadata={"help": "Maximum tokens of prompt + response; longer prompts keep their end, longer responses "
-                  "their start (post-CoT: the label)."},
-    )
-    reference_batch_size: int = field(
-        default=16, metadata={"help": "Sequences per forward pass when computing the reference log-probs."})
-    bucket_window: int = field(default=50, metadata={"help": "Batches per length-sorting window."})
 
 
 # ----------------------------------------------------------------------------------------------------- data
@@ -105,8 +73,6 @@ def response_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 @torch.no_grad()
 def reference_logps(model, ids: list[list[int]], starts: list[int], pad_id: int, batch_size: int) -> np.ndarray:
     """Summed response log-probs of each sequence under the frozen `model` (eval mode, length-bucketed)."""
-    from pipelines.relevance.scoring import length_batches
-
     out = np.zeros(len(ids), dtype=np.float64)
     was_training = model.training
     model.eval()
@@ -163,8 +129,6 @@ class DPOWorker(TrainingWorker):
     name = "dpo"
 
     def __init__(self, cfg: dict[str, Any]):
-        from pipelines.config import build_config
-
         super().__init__(cfg, build_config(DPOConfig, "dpo", cfg["dpo"]))
 
     def setup(self):
@@ -216,8 +180,6 @@ def train_loop(cfg: dict[str, Any]) -> None:
 def pairs_key(pairs_df: pd.DataFrame, sft_model_dir: Path, config: DPOConfig) -> str:
     """What the stored reference log-probs depend on: the pairs, the SFT model's files and the settings that
     shape the sequences (length, resolved dtype)."""
-    from pipelines.stage import path_digest
-
     h = hashlib.sha256()
     h.update(pd.util.hash_pandas_object(pairs_df[["prompt", "chosen", "rejected"]], index=False).to_numpy().tobytes())
     h.update(path_digest(sft_model_dir).encode())
@@ -228,8 +190,6 @@ def pairs_key(pairs_df: pd.DataFrame, sft_model_dir: Path, config: DPOConfig) ->
 def prepare_pairs(pairs_df: pd.DataFrame, sft_model_dir: Path, config: DPOConfig, path: Path) -> dict[str, Any]:
     """Tokenize the pairs and add the reference log-probs (on a GPU when there is one); reuses `path` when it
     was made from the same pairs, SFT model and settings."""
-    from pipelines.relevance.models import inference_device, load_model
-
     key = pairs_key(pairs_df, sft_model_dir, config)
     if path.exists() and (pq.read_schema(path).metadata or {}).get(b"pairs_key", b"").decode() == key:
         return {"reference_seconds": 0.0, "reused": True}

@@ -29,19 +29,22 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
+from transformers import AutoTokenizer
 
+from pipelines.config import build_config
+from pipelines.relevance.config import GRPOConfig
 from pipelines.relevance.losses import (
-    ADVANTAGE_SCALES,
-    GRPO_LOSS_TYPES,
     grpo_advantages,
     grpo_loss,
     keep_by_correct_count,
@@ -50,117 +53,16 @@ from pipelines.relevance.losses import (
     sequence_logps,
 )
 from pipelines.relevance.model_card import copy_card, read_model_card
+from pipelines.relevance.prompts import build_prompt, parse_label, prompt_options
+from pipelines.relevance.sampling import HFSampler, SampleConfig
+from pipelines.relevance.scoring import tokenize_prompts
 from pipelines.relevance.sft import collate
-from pipelines.training.config import TrainingConfig
+from pipelines.training.modeling import load_model
 from pipelines.training.runtime import TrainingWorker, resolve_training_dtype, run_training
 
 log = logging.getLogger(__name__)
 
 PROMPTS_FILE = "grpo_prompts.parquet"  # the prompt pool: prompt text, token ids, gold label
-
-
-@dataclass
-class GRPOConfig(TrainingConfig):
-    """Settings of the `grpo` stage (TaoSR1 stage 3: GRPO with difficulty-based dynamic sampling).
-
-    `max_steps` counts rollout-and-update steps (each takes `mini_batches` optimizer steps); the learning-rate
-    schedule runs over the optimizer steps. `num_train_epochs` is not used: prompts are drawn endlessly.
-    """
-
-    max_steps: int = field(default=100, metadata={"help": "Rollout-and-update steps."})
-    group_size: int = field(
-        default=8, metadata={"help": "G: responses sampled per prompt (DyKnow-RAG, the sister paper, uses 16)."})
-    prompts_per_step: int = field(
-        default=16,
-        metadata={"help": "Kept groups per step: the rollout batch in prompts, filled by dynamic sampling "
-                  "(DyKnow-RAG: 64)."},
-    )
-    temperature: float = field(default=0.99, metadata={"help": "Sampling temperature (DyKnow-RAG: 0.99)."})
-    top_k: int = field(default=100, metadata={"help": "Top-k sampling (DyKnow-RAG: 100); 0 = off."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling; 1 = off."})
-    max_new_tokens: int = field(default=96, metadata={"help": "Longest sampled response, in tokens."})
-    max_prompt_length: int = field(default=384, metadata={"help": "Longer prompts keep their end."})
-    generation_batch_size: int = field(
-        default=8, metadata={"help": "Prompts per generate call (each expands to G sequences)."})
-    gamma: int = field(
-        default=0,
-        metadata={"help": "Keep a group iff 0 < #correct < gamma (TaoSR1); 0 = G, which drops only all-correct "
-                  "and all-wrong groups (the paper's best, 'minimal rejection')."},
-    )
-    graded_reward: bool = field(
-        default=False,
-        metadata={"help": "Ordinal partial credit 1 - |pred - gold| / 3 instead of 0/1 correctness; groups are "
-                  "then kept by reward spread (std > reward_std_threshold)."},
-    )
-    reward_std_threshold: float = field(
-        default=1e-6,
-        metadata={"help": "Graded reward: keep a group iff the std of its rewards exceeds this (not TRL's `epsilon`, "
-                  "which is the ratio clip: here `epsilon_low`)."})
-    format_penalty: float = field(
-        default=0.0,
-        metadata={"help": "Reward of a response whose label cannot be parsed (e.g. -0.5 to punish format errors; "
-                  "0 treats it as wrong). The 0/1 filter counts correct responses, not rewards."},
-    )
-    max_refill_rounds: int = field(
-        default=3,
-        metadata={"help": "Extra generation rounds to fill the batch after filtering (DAPO regenerates until "
-                  "full); when the cap is hit, the step trains on the groups it has."},
-    )
-    class_balanced: bool = field(
-        default=True,
-        metadata={"help": "Down-sample the prompt pool to the rarest level's count per level (TaoSR1: a lower "
-                  "spread of the label distribution trained better)."},
-    )
-    max_train_examples: int = field(default=0, metadata={"help": "Seeded subsample of the judgments; 0 = all."})
-    epsilon_low: float = field(default=0.2, metadata={"help": "Lower ratio clip: 1 - epsilon_low."})
-    epsilon_high: float = field(
-        default=0.28, metadata={"help": "Upper ratio clip: 1 + epsilon_high (DAPO clip-higher 0.28)."})
-    beta_kl: float = field(
-        default=0.02,
-        metadata={"help": "Coefficient of the k3 KL penalty to the frozen start model (DyKnow-RAG: 0.02); 0 = off "
-                  "and no reference model is loaded."},
-    )
-    loss_type: str = field(
-        default="dapo",
-        metadata={"help": f"Loss aggregation, one of {GRPO_LOSS_TYPES}: dapo = token mean over the mini-batch."},
-    )
-    advantage_scale: str = field(
-        default="group",
-        metadata={"help": f"Advantage normalisation, one of {ADVANTAGE_SCALES}: divide by the group's reward std, "
-                  "the batch's, or not at all (Dr. GRPO)."},
-    )
-    mini_batches: int = field(
-        default=2,
-        metadata={"help": "Optimizer updates per rollout batch (verl: train batch / ppo mini-batch). 1 = on-policy: "
-                  "the ratio is 1 and the clip never acts; >1: later mini-batches are off-policy and clipped."},
-    )
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "Sequences per worker per forward pass."})
-    learning_rate: float = field(
-        default=1e-6, metadata={"help": "Peak learning rate (AdamW); DyKnow-RAG 1e-6. Tiny models need more."})
-    warmup_ratio: float = field(default=0.0, metadata={"help": "Share of optimizer steps with linear warm-up."})
-    lr_scheduler_type: Literal["linear", "cosine", "constant"] = field(
-        default="constant", metadata={"help": "Decay after the linear warm-up: linear, cosine or constant."})
-    zero_stage: Literal[0, 1, 2] = field(
-        default=2, metadata={"help": "DeepSpeed ZeRO stage, 0-2 (rank 0 generates with the whole model)."})
-    save_steps: int = field(default=10, metadata={"help": "Checkpoint every N steps (0 = end only)."})
-    logging_steps: int = field(default=1, metadata={"help": "Log metrics every N steps."})
-    seed: int = field(default=0, metadata={"help": "Seed of the prompt order, the class balancing and sampling."})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.max_steps < 1:
-            raise ValueError("max_steps must be at least 1: GRPO draws prompts endlessly and has no epochs")
-        if self.gradient_accumulation_steps != 1:
-            raise ValueError("gradient_accumulation_steps must be 1: each GRPO update accumulates over however "
-                             "many micro-batches its mini-batch fills (mini_batches sets the updates per step)")
-        if self.loss_type not in GRPO_LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {GRPO_LOSS_TYPES}, got {self.loss_type!r}")
-        if self.advantage_scale not in ADVANTAGE_SCALES:
-            raise ValueError(f"advantage_scale must be one of {ADVANTAGE_SCALES}, got {self.advantage_scale!r}")
-        if self.group_size < 2:
-            raise ValueError("group_size must be at least 2: advantages are relative within a group")
-        if not 0 <= self.gamma <= self.group_size:
-            raise ValueError(f"gamma must lie in [0, group_size={self.group_size}], got {self.gamma}")
 
 
 # ---------------------------------------------------------------------------------------- the prompt pool
@@ -237,8 +139,6 @@ class Group:
 
 def score_responses(texts: Sequence[str], gold: int, style: str, graded: bool, format_penalty: float):
     """(rewards, correct, valid) of responses to a prompt whose gold level is `gold`."""
-    from pipelines.relevance.prompts import parse_label
-
     preds = [parse_label(t, style) for t in texts]
     valid = np.array([p is not None for p in preds])
     correct = np.array([p == gold for p in preds])
@@ -313,10 +213,6 @@ def sample_completions(model, prompt_ids: Sequence[Sequence[int]], group_size: i
     the i-th prompt draws from its own stream seeded by (seed, i, s), so the same (weights, prompts, seed) give
     the same samples whatever the batching, and the caller's RNG stream is untouched.
     """
-    from types import SimpleNamespace
-
-    from pipelines.relevance.sampling import HFSampler, SampleConfig
-
     was_training = model.training
     config = SampleConfig(num_samples=group_size, temperature=temperature, top_k=top_k, top_p=top_p,
                           max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
@@ -452,16 +348,12 @@ class GRPOWorker(TrainingWorker):
     name = "grpo"
 
     def __init__(self, cfg: dict[str, Any]):
-        from pipelines.config import build_config
-
         super().__init__(cfg, build_config(GRPOConfig, "grpo", cfg["grpo"]))
         self.style = cfg["card"].get("response_style", "post_cot")
 
     # ------------------------------------------------------------------ hooks
 
     def setup(self):
-        from pipelines.training.modeling import load_model
-
         c = self.config
         model, self.tokenizer = self.load_pretrained(self.paths["start_model"])
         # The frozen reference: with LoRA, the policy with its adapters off; otherwise a second copy.
@@ -535,8 +427,6 @@ class GRPOWorker(TrainingWorker):
 
     def generate_batch(self) -> tuple[list[Group], dict[str, float]]:
         """Rank 0 samples and filters; every rank gets the kept groups, the statistics and the sampler state."""
-        import torch.distributed as dist
-
         c = self.config
         result = [None]
         if self.rank == 0:
@@ -578,9 +468,6 @@ def train_loop(cfg: dict[str, Any]) -> None:
 
 def build_prompt_pool(train_rows: pd.DataFrame, tokenizer, card: dict[str, Any], config: GRPOConfig):
     """(prompt table, pool row indices, pool statistics) from judgments with gold labels."""
-    from pipelines.relevance.prompts import build_prompt, prompt_options
-    from pipelines.relevance.scoring import tokenize_prompts
-
     prompts = [build_prompt(tokenizer, q, t, d, **prompt_options(card))
                for q, t, d in zip(train_rows["query"], train_rows["title"], train_rows["description"], strict=True)]
     labels = train_rows["label"].astype(int).to_numpy()
@@ -637,6 +524,4 @@ def run_grpo(
 
 
 def _load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)

@@ -28,11 +28,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pipelines.relevance.config import ADVANTAGE_SCALES, GRPO_LOSS_TYPES
 from pipelines.training.modeling import causal_lm_parts  # noqa: F401 (used by the trainers through here)
 from pipelines.training.shared_prefix import prefix_hidden_states
 
-GRPO_LOSS_TYPES = ("dapo", "bnpo", "grpo")
-ADVANTAGE_SCALES = ("group", "batch", "none")
 STD_EPS = 1e-4  # added to the reward std before dividing, as TRL does
 
 

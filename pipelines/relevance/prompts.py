@@ -27,9 +27,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pipelines.relevance.config import STYLES
+from pipelines.relevance.model_card import PROMPT_CARD_DEFAULTS
+
 LEVEL_NAMES: dict[int, str] = {4: "Excellent", 3: "Related", 2: "Mismatch", 1: "Irrelevant"}
 
-STYLES: tuple[str, ...] = ("post_cot", "pre_cot", "no_cot")
 DEFAULT_STYLE = "post_cot"
 
 INSTRUCTION = (
@@ -86,14 +88,9 @@ def match_hint_text(query: str, title: str) -> str:
     return line + (f" (missing: {', '.join(missing)})" if missing else "")
 
 
-# The prompt settings a model card records (sft.prompt_settings writes them from SFTConfig), each with the
-# value a card written before the setting existed stands for.
-PROMPT_CARD_DEFAULTS: dict[str, Any] = {"max_description_chars": 300, "include_instruction": True,
-                                        "match_hint": False}
-
-
 def prompt_options(card: Mapping[str, Any]) -> dict[str, Any]:
-    """`build_prompt` keyword arguments from a model card, so every reader of a model builds its training prompt."""
+    """`build_prompt` keyword arguments from a model card (`model_card`), so every reader of a model builds its
+    training prompt."""
     return {key: card.get(key, default) for key, default in PROMPT_CARD_DEFAULTS.items()}
 
 

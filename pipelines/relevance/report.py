@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tabulate import tabulate
+
 from pipelines.stage import read_manifest, run_dir
 
 PIPELINE = "taosr1"
@@ -174,8 +176,6 @@ def hallucination_rows(root: Path, run_key: str) -> list[dict[str, Any]]:
 
 def render_report(root: Path, run_key: str) -> tuple[str, list[dict[str, Any]]]:
     """The report's Markdown and its ablation rows."""
-    from tabulate import tabulate
-
     rows = ablation_rows(root, run_key)
     if not rows:
         raise FileNotFoundError(f"run {run_key!r} under {root} has no evaluated stages yet")
@@ -211,9 +211,9 @@ def write_report(root: Path, run_key: str) -> tuple[Path, list[dict[str, Any]]]:
     text, rows = render_report(root, run_key)
     path = run_dir(root, PIPELINE, run_key) / "report.md"
     path.write_text(text)
-    import mlflow
+    import mlflow  # heavy: loaded only when used
 
-    from pipelines.tracking.runs import configure, parent_run_id
+    from pipelines.tracking.runs import configure, parent_run_id  # heavy: loads mlflow, pandas
 
     configure(root, PIPELINE)
     mlflow.MlflowClient().log_text(parent_run_id(root, PIPELINE, run_key), text, "report.md")

@@ -1,8 +1,9 @@
-"""TaoSR1 stage 2: N samples per training prompt from the SFT model, the pass@k curve, and DPO pairs.
+"""TaoSR1 stage 2: N samples per training prompt from the SFT model and the pass@k curve.
 
 TaoSR1 samples the SFT model N times per training prompt and finds a large pass@1 -> pass@N gap; DPO pairs
-are then built per prompt: if some sample is correct, chosen = a correct sample and rejected = a wrong one
-(self-correction); if none is, chosen = the gold label with the reference rationale (oracle guidance).
+are then built per prompt from the labelled samples (`pipelines.relevance.dpo_pairs`): if some sample is
+correct, chosen = a correct sample and rejected = a wrong one (self-correction); if none is, chosen = the gold
+label with the reference rationale (oracle guidance).
 
 Sampling (:class:`HFSampler`) runs each prompt batch through the model **once** and expands the KV cache N
 times, so the N samples of a prompt share its prefill. (``model.generate(num_return_sequences=N)`` in
@@ -21,9 +22,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -31,61 +31,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipelines.raycluster import ensure_ray
+from pipelines.relevance.config import SampleConfig
 from pipelines.relevance.model_card import read_model_card
-from pipelines.relevance.prompts import DEFAULT_STYLE, format_response, parse_label
-from pipelines.training.config import Dtype
+from pipelines.relevance.prompts import DEFAULT_STYLE, build_prompt, parse_label, prompt_options
+from pipelines.relevance.rationales.judge import argued_level
 from pipelines.training.precision import resolve_dtype
 
-BACKENDS = ("hf", "vllm")
-KINDS = ("self_correction", "oracle")
 SAMPLE_COLUMNS = ("prompt_index", "query_id", "item_id", "label", "sample_index", "prompt", "text",
                   "parsed_label", "correct", "argued_level", "finished", "new_tokens")
-PAIR_COLUMNS = ("prompt", "chosen", "rejected", "kind", "query_id", "item_id", "label", "prompt_index")
-
-
-@dataclass
-class SampleConfig:
-    """Settings of the `sample` stage (N samples per training prompt from the SFT model)."""
-
-    num_samples: int = field(default=5, metadata={"help": "Samples per prompt (N of pass@N)."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (> 0)."})
-    top_k: int = field(default=0, metadata={"help": "Keep the k most likely tokens; 0 = off."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass; 1.0 = off."})
-    max_new_tokens: int = field(default=96, metadata={"help": "Tokens decoded per sample at most."})
-    batch_size: int = field(
-        default=8, metadata={"help": "Prompts per batch (each batch decodes batch_size * num_samples rows)."}
-    )
-    max_prompts: int = field(default=0, metadata={"help": "Seeded subsample of training prompts; 0 = all."})
-    max_prompt_tokens: int = field(
-        default=512, metadata={"help": "Longest prompt in tokens (a longer one keeps its end)."}
-    )
-    num_actors: int = field(
-        default=1, metadata={"help": "Ray Data actors, each holding one model copy; 0 = in-process, no Ray."}
-    )
-    cpus_per_actor: int = field(default=2, metadata={"help": "CPUs per actor; also its torch thread count."})
-    use_gpu: bool = field(default=False, metadata={"help": "One GPU per actor (the gpu profile)."})
-    dtype: Dtype = field(default="float32", metadata={
-        "help": "Model dtype while sampling: float32, bfloat16 or auto (bf16 where this machine measures bf16 "
-                "matmuls fast; resolved once by the stage, for its device)."})
-    backend: str = field(
-        default="hf", metadata={"help": '"hf" (transformers, own decode loop) or "vllm" (gpu profile; a seam).'}
-    )
-    seed: int = field(default=0, metadata={"help": "Seed of the prompt subsample and of every sample."})
-
-    def __post_init__(self) -> None:
-        from pipelines.training.precision import check_dtype
-
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.num_samples < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ValueError("num_samples, batch_size and max_new_tokens must be >= 1")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 (this stage samples), got {self.temperature}")
-        if self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k}, {self.top_p}")
-        if self.num_actors < 0 or self.cpus_per_actor < 1 or self.max_prompts < 0 or self.seed < 0:
-            raise ValueError("num_actors, max_prompts and seed must be >= 0 and cpus_per_actor >= 1")
-        check_dtype(self.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ samplers
@@ -122,7 +76,7 @@ class HFSampler:
     """Sampling with a transformers causal LM: shared prefill per prompt, own decode loop, seeded per sample."""
 
     def __init__(self, model, tokenizer, config: SampleConfig | None = None):
-        from transformers import (
+        from transformers import (  # heavy: loaded only when used
             LogitsProcessorList,
             TemperatureLogitsWarper,
             TopKLogitsWarper,
@@ -148,7 +102,7 @@ class HFSampler:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, config: SampleConfig) -> HFSampler:
-        from pipelines.relevance.models import load_model
+        from pipelines.relevance.models import load_model  # heavy: loads transformers
 
         model, tokenizer = load_model(model_dir, resolve_dtype(config.dtype, "cuda" if config.use_gpu else "cpu"))
         if config.use_gpu:
@@ -159,7 +113,7 @@ class HFSampler:
         return self.generate_detailed(prompts, n, keys).texts
 
     def generate_detailed(self, prompts: Sequence[str], n: int, keys: Sequence[int] | None = None) -> Generation:
-        from pipelines.relevance.scoring import tokenize_prompts
+        from pipelines.relevance.scoring import tokenize_prompts  # heavy: loads transformers
 
         if keys is not None and len(keys) != len(prompts):
             raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
@@ -176,7 +130,7 @@ class HFSampler:
                    keys: Sequence[int] | None = None) -> list[list[tuple[list[int], bool]]]:
         """Per tokenized prompt, its `n` samples as (token ids without EOS, ended with EOS), by length-bucketed
         batches of `batch_size` prompts."""
-        from pipelines.relevance.scoring import length_batches
+        from pipelines.relevance.scoring import length_batches  # heavy: loads transformers
 
         keys = list(range(len(token_ids))) if keys is None else [int(k) for k in keys]
         if len(keys) != len(token_ids):
@@ -191,7 +145,7 @@ class HFSampler:
     @torch.inference_mode()
     def _sample_batch(self, seqs: list[list[int]], n: int, keys: list[int]) -> list[tuple[list[int], bool]]:
         """(token ids without EOS, ended with EOS) for row j * n + s: sample s of prompt j."""
-        from pipelines.relevance.scoring import last_position, left_pad
+        from pipelines.relevance.scoring import last_position, left_pad  # heavy: loads transformers
 
         steps, dev, model = self.config.max_new_tokens, self.device, self.model
         streams = [torch.Generator().manual_seed(sample_seed(self.config.seed, key, s)) for key in keys
@@ -247,7 +201,7 @@ class VLLMSampler:
 
     def __init__(self, model_dir: str | Path, config: SampleConfig):
         try:
-            import vllm  # noqa: F401
+            import vllm  # noqa: F401  (heavy: only checks that the gpu profile's vLLM is installed)
         except ImportError:
             raise RuntimeError(
                 'sample backend "vllm" is meant for the gpu profile and vLLM is not installed here; '
@@ -299,8 +253,6 @@ class SampleActor:
 def label_samples(samples: pd.DataFrame, style: str = DEFAULT_STYLE, rulebase=None) -> pd.DataFrame:
     """Add `parsed_label` (nullable; None when malformed), `correct` and `argued_level` (the level the
     rationale's judgment step argues for; nullable) to a table with `text` and gold `label`."""
-    from pipelines.relevance.rationales import argued_level
-
     out = samples.copy()
     parsed = [parse_label(t, style) if isinstance(t, str) else None for t in out["text"]]
     out["parsed_label"] = pd.array(parsed, dtype="Int8")
@@ -333,8 +285,8 @@ def pass_at_k_curve(samples: pd.DataFrame, num_samples: int) -> dict[int, float]
 
 def pass_at_k_figure(curve: dict[int, float], title: str = "pass@k on training prompts"):
     """Line plot of pass@k against k (Agg canvas, no pyplot state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy: loaded only when used
+    from matplotlib.figure import Figure  # heavy: loaded only when used
 
     ks = sorted(curve)
     values = [curve[k] for k in ks]
@@ -359,8 +311,6 @@ def hallucination_rate(samples: pd.DataFrame, rulebase=None) -> dict[str, Any]:
     (its judgment step argues for some level), the share whose rationale argues for another level than the
     sample's own label. `wrong_label_sound_rationale` counts the samples whose rationale argues for the gold
     level while their label is wrong."""
-    from pipelines.relevance.rationales import argued_level
-
     parsed = samples["parsed_label"]
     argued = (samples["argued_level"] if "argued_level" in samples
               else pd.Series([argued_level(t, rulebase=rulebase) for t in samples["text"]], dtype="Int8"))
@@ -389,8 +339,7 @@ def decoded_hallucination(model_dir: str | Path, rows: pd.DataFrame, config, sty
     "auto" is a CUDA GPU when there is one), prompts cut to `config.max_length` tokens. Greedy is the response
     the model would give; its label is read in `style` (default: the card's).
     """
-    from pipelines.relevance.models import inference_device, load_model
-    from pipelines.relevance.prompts import build_prompt, prompt_options
+    from pipelines.relevance.models import inference_device, load_model  # heavy: loads transformers
 
     card = read_model_card(model_dir)
     style = style or card.get("response_style", DEFAULT_STYLE)
@@ -413,97 +362,12 @@ def decoded_hallucination(model_dir: str | Path, rows: pd.DataFrame, config, sty
             "seconds": round(time.perf_counter() - start, 3)}
 
 
-# ------------------------------------------------------------------------------------------------ DPO pairs
-
-
-def _pick(candidates: pd.DataFrame, rank: np.ndarray, rng: np.random.Generator) -> pd.Series:
-    """A seeded choice among the candidates of the best (lowest) rank."""
-    best = candidates[rank == rank.min()]
-    return best.iloc[int(rng.integers(len(best)))]
-
-
-def build_dpo_pairs(samples: pd.DataFrame, train_rows: pd.DataFrame, style: str = DEFAULT_STYLE,
-                    rulebase=None, seed: int = 0) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """DPO pairs per prompt from a labelled samples table (:func:`label_samples`).
-
-    * some sample correct: ``self_correction`` - chosen = a correct sample, preferring one that ended with
-      EOS and whose rationale argues for its label (then one with no readable judgment); rejected = a wrong
-      sample, preferring one with a parsable label over a malformed one.
-    * no sample correct: ``oracle`` - chosen = ``format_response(gold, rationale, style)`` with the row's
-      ``rationale`` from the rationales stage (written by the rule base when missing or empty); rejected = a
-      model sample (parsable preferred).
-    * all samples correct: no pair.
-
-    Choices among equals are seeded by (seed, prompt_index). ``train_rows`` is the table the samples were drawn
-    from (``prompt_index`` is a position in it). Pairs whose chosen and rejected texts are identical, and
-    repeated (prompt, chosen, rejected) triples, are dropped and counted.
-    """
-    from pipelines.relevance.rationales import write_rationale
-
-    summary: dict[str, Any] = {"prompts": 0, "pairs": 0, **{k: 0 for k in KINDS}, "all_correct": 0,
-                               "dropped_identical": 0, "dropped_duplicates": 0, "rejected_malformed": 0,
-                               "chosen_unfinished": 0, "chosen_inconsistent": 0, "oracle_rationales_written": 0}
-    records: list[dict[str, Any]] = []
-    for prompt_index, group in samples.sort_values(["prompt_index", "sample_index"]).groupby("prompt_index"):
-        summary["prompts"] += 1
-        prompt_index = int(prompt_index)
-        row = train_rows.iloc[prompt_index]
-        first = group.iloc[0]
-        for col in ("query_id", "item_id"):
-            if col in row and col in group and str(row[col]) != str(first[col]):
-                raise ValueError(f"prompt_index {prompt_index}: {col} {first[col]!r} of the samples is "
-                                 f"{row[col]!r} in train_rows; pass the table the samples were drawn from")
-        gold = int(first["label"])
-        correct = group["correct"].to_numpy(dtype=bool)
-        if correct.all():
-            summary["all_correct"] += 1
-            continue
-        rng = np.random.default_rng([seed, prompt_index])
-        wrong = group[~correct]
-        rejected = _pick(wrong, wrong["parsed_label"].isna().to_numpy().astype(int), rng)
-        if correct.any():
-            right = group[correct]
-            finished = right["finished"].fillna(True).to_numpy(dtype=bool) if "finished" in right else True
-            argued = right["argued_level"]
-            consistency = np.where(argued.isna().to_numpy(), 1, np.where(argued.fillna(0).to_numpy() == gold, 0, 2))
-            pick = _pick(right, (~np.asarray(finished, dtype=bool)).astype(int) * 3 + consistency, rng)
-            pick_finished = pick.get("finished", True)
-            summary["chosen_unfinished"] += int(not pd.isna(pick_finished) and not pick_finished)
-            summary["chosen_inconsistent"] += int(not pd.isna(pick["argued_level"]) and pick["argued_level"] != gold)
-            chosen, kind = str(pick["text"]), "self_correction"
-        else:
-            rationale = row.get("rationale")
-            if not isinstance(rationale, str) or not rationale.strip():
-                description, attributes = row.get("description"), row.get("attributes")
-                rationale = write_rationale(str(row["query"]), str(row["title"]),
-                                            "" if pd.isna(description) else str(description),
-                                            None if pd.isna(attributes) else attributes, gold, rulebase=rulebase)
-                summary["oracle_rationales_written"] += 1
-            chosen, kind = format_response(gold, rationale, style), "oracle"
-        summary["rejected_malformed"] += int(pd.isna(rejected["parsed_label"]))
-        records.append({"prompt": first["prompt"], "chosen": chosen, "rejected": str(rejected["text"]),
-                        "kind": kind, "query_id": first["query_id"], "item_id": first["item_id"],
-                        "label": gold, "prompt_index": prompt_index})
-    pairs = pd.DataFrame.from_records(records, columns=list(PAIR_COLUMNS))
-    identical = pairs["chosen"] == pairs["rejected"]
-    summary["dropped_identical"] = int(identical.sum())
-    pairs = pairs[~identical]
-    duplicate = pairs.duplicated(["prompt", "chosen", "rejected"])
-    summary["dropped_duplicates"] = int(duplicate.sum())
-    pairs = pairs[~duplicate].reset_index(drop=True)
-    pairs["label"] = pairs["label"].astype("int8")
-    summary["pairs"] = len(pairs)
-    summary.update({k: int(v) for k, v in Counter(pairs["kind"]).items()})
-    return pairs, summary
-
-
 # ------------------------------------------------------------------------------------------------ the stage
 
 
 def prompt_table(rows: pd.DataFrame, tokenizer, card: dict[str, Any], config: SampleConfig) -> pd.DataFrame:
     """One row per sampled training prompt (a seeded subsample when `max_prompts` is set), longest first."""
-    from pipelines.relevance.prompts import build_prompt, prompt_options
-    from pipelines.relevance.scoring import tokenize_prompts
+    from pipelines.relevance.scoring import tokenize_prompts  # heavy: loads transformers
 
     positions = np.arange(len(rows))
     if config.max_prompts and len(rows) > config.max_prompts:
@@ -527,9 +391,7 @@ def prompt_table(rows: pd.DataFrame, tokenizer, card: dict[str, Any], config: Sa
 
 
 def _sample_with_ray(table: pd.DataFrame, model_dir: Path, config: SampleConfig) -> pd.DataFrame:
-    import ray.data
-
-    from pipelines.raycluster import ensure_ray
+    import ray.data  # heavy: loaded only when used
 
     ensure_ray()
     ctx = ray.data.DataContext.get_current()
@@ -559,7 +421,7 @@ def run_sampling(model_dir: Path, rows: pd.DataFrame, config: SampleConfig,
     the result is a row's position in `rows`. Prompts are built with the settings of the model card, and
     labels are parsed in the card's response style. Returns (samples, summary).
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: loaded only when used
 
     model_dir = Path(model_dir)
     if config.dtype == "auto":  # once, here, so every actor samples in the same precision

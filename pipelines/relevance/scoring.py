@@ -22,6 +22,7 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from pipelines.relevance.prompts import encode_prompts, parse_label
 from pipelines.training.shared_prefix import (  # noqa: F401 (SharedPrefix and use_... are this module's API too)
@@ -181,8 +182,6 @@ def first_token_probs(
     in_attention = shared > 0 and prefix_in_attention and reads_prefix_in_attention(model)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(prompts), desc="scoring", unit="pair", mininterval=2.0)
     with attention_implementation(model, SHARED_PREFIX_ATTENTION) if in_attention else nullcontext():
         for rows, prefix_len in units:
@@ -231,8 +230,6 @@ def generate_responses(
     torch.manual_seed(seed)
     batches = length_batches([len(t) for t in token_ids], batch_size)
     if progress:
-        from tqdm.auto import tqdm
-
         batches = tqdm(batches, desc="decoding", unit="batch", mininterval=2.0)
     for batch in batches:
         input_ids, mask, _ = (t.to(model.device) for t in left_pad([token_ids[i] for i in batch], pad_id))

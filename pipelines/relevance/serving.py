@@ -25,8 +25,16 @@ are scored one after the other on the one model.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import socket
 import subprocess
+import sys
+import tempfile
 import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -36,7 +44,14 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types import ColSpec, Schema
 
+from pipelines.relevance.model_card import read_model_card
+from pipelines.relevance.prompts import build_prompt, prompt_options
+from pipelines.scoring_server import check_request_rows, pinned_requirements, row_limit, stage_code
 from pipelines.training.config import Dtype
 
 SERVING_CARD = "serving.json"
@@ -63,6 +78,11 @@ class ServingSettings:
     device: str = field(default="auto", metadata={"help": 'Where to score: "auto" (a CUDA GPU if present, else '
                                                           'CPU), "cpu", "cuda", "cuda:1", ...'})
     max_length: int = field(default=512, metadata={"help": "Longest prompt in tokens."})
+    level_offsets: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0], metadata={
+        "help": "Log-probability offsets of levels 1..4 added before anything is answered (the probabilities are "
+                "reweighted and renormalised, so level, tier and expected relevance follow them): the prior "
+                "correction the evaluation tuned on val, set by register (`register.decision`). All 0: the plain "
+                "first-token distribution."})
     max_rows_per_request: int = field(default=256, metadata={
         "help": "Most rows one request may score: more get HTTP 413 asking to split the request (each row is a "
                 "prompt in memory at once). $SEARCHREL_SERVE_MAX_ROWS overrides it where the model is served; "
@@ -107,14 +127,12 @@ class PairScorer:
     """Scores (query, title, description) rows with a trained model folder; shared by pyfunc and batch scoring."""
 
     def __init__(self, model_dir: str | Path, settings: ServingSettings | None = None) -> None:
-        from pipelines.relevance.model_card import MODEL_CARD
-        from pipelines.relevance.models import inference_device, label_token_ids, load_model
-        from pipelines.training.precision import resolve_dtype
-        from pipelines.training.shared_prefix import use_shared_prefix_attention
+        from pipelines.relevance.models import inference_device, label_token_ids, load_model  # heavy: torch
+        from pipelines.training.precision import resolve_dtype  # heavy: loads torch
+        from pipelines.training.shared_prefix import use_shared_prefix_attention  # heavy: loads torch
 
         self.model_dir = Path(model_dir)
-        card_path = self.model_dir / MODEL_CARD
-        self.card = json.loads(card_path.read_text()) if card_path.exists() else {}
+        self.card = read_model_card(self.model_dir)
         if self.card.get("response_style", "post_cot") == "pre_cot":
             raise ValueError(f"{self.model_dir} was trained pre-CoT (label last): first-token scoring does not "
                              "apply; serve a post-CoT or no-CoT model")
@@ -130,8 +148,6 @@ class PairScorer:
         self._scoring = threading.Lock()
 
     def prompt(self, query: str, title: str, description: str) -> str:
-        from pipelines.relevance.prompts import build_prompt, prompt_options
-
         return build_prompt(self.tokenizer, query, title, description, **prompt_options(self.card))
 
     def _cut(self, frame: pd.DataFrame) -> tuple[list[str], list[str], list[str], list[str]]:
@@ -177,8 +193,13 @@ class PairScorer:
                            "expected_relevance": float, "tier": "string", "truncated": "boolean", "note": "string"})
 
     def _score_valid(self, frame: pd.DataFrame, share_query_prefix: bool) -> pd.DataFrame:
-        from pipelines.relevance.metrics import cumpt_tiers, expected_relevance, predicted_levels
-        from pipelines.relevance.scoring import first_token_probs
+        from pipelines.relevance.metrics import (  # heavy: loads sklearn
+            cumpt_tiers,
+            expected_relevance,
+            predicted_levels,
+            prior_corrected_probs,
+        )
+        from pipelines.relevance.scoring import first_token_probs  # heavy: loads torch, transformers
 
         queries, titles, descriptions, notes = self._cut(frame)
         prompts = [self.prompt(q, t, d) for q, t, d in zip(queries, titles, descriptions, strict=True)]
@@ -186,6 +207,8 @@ class PairScorer:
             probs = first_token_probs(self.model, self.tokenizer, prompts, self.label_ids,
                                       batch_size=self.settings.batch_size, max_length=self.settings.max_length,
                                       groups=queries if share_query_prefix else None)
+        if any(self.settings.level_offsets):
+            probs = prior_corrected_probs(probs, self.settings.level_offsets)
         out = pd.DataFrame({"level": predicted_levels(probs).astype(np.int64)})
         for j in range(4):
             out[f"p{j + 1}"] = probs[:, j]
@@ -213,18 +236,11 @@ class RelevanceModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper: `load_context` loads the scorer from the artifacts, `predict` scores a table."""
 
     def load_context(self, context) -> None:
-        from pipelines.scoring_server import row_limit
-
         model_dir = Path(context.artifacts["model"])
         self.scorer = PairScorer(model_dir, read_serving_card(model_dir))
         self.max_rows = row_limit(self.scorer.settings.max_rows_per_request)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
-        from pipelines.scoring_server import check_request_rows
-
         frame = pd.DataFrame(model_input)
         check_request_rows(len(frame), self.max_rows)  # HTTP 413 before any prompt is built
         try:
@@ -234,9 +250,6 @@ class RelevanceModel(mlflow.pyfunc.PythonModel):
 
 
 def model_signature():
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
-
     inputs = Schema([ColSpec("string", "query"), ColSpec("string", "title"),
                      ColSpec("string", "description", required=False)])
     outputs = Schema([ColSpec("long", "level"), *(ColSpec("double", f"p{k}") for k in range(1, 5)),
@@ -266,19 +279,12 @@ REQUIREMENTS = ["mlflow", "torch", "transformers", "tokenizers", "safetensors", 
 def pip_requirements() -> list[str]:
     """The serving environment: the distributions the pyfunc's code imports, at the versions this process runs
     with (searchrel itself is not one: the model carries its code)."""
-    from pipelines.scoring_server import pinned_requirements
-
     return pinned_requirements(REQUIREMENTS)
 
 
 def log_relevance_model(model_dir: Path, settings: ServingSettings, *, registered_model_name: str | None = None,
                         name: str = "relevance_model"):
     """Log (and optionally register) the pyfunc model from a trained model folder; returns MLflow's ModelInfo."""
-    import shutil
-    import tempfile
-
-    from pipelines.scoring_server import stage_code
-
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "model"
         shutil.copytree(model_dir, staged)
@@ -299,10 +305,8 @@ def resolve_model(model: str, root: Path | None = None) -> Path:
     URIs are read from the MLflow store of `root` when given, else from the store MLflow points at already.
     """
     if model.startswith(("models:/", "runs:/")):
-        import mlflow.artifacts
-
         if root is not None:
-            from pipelines.tracking.runs import use_store
+            from pipelines.tracking.runs import use_store  # kept out of the model's carried code
 
             use_store(root)
         local = Path(mlflow.artifacts.download_artifacts(model))
@@ -310,15 +314,21 @@ def resolve_model(model: str, root: Path | None = None) -> Path:
         if not (candidate / "model.safetensors").exists():
             raise FileNotFoundError(f"{model} is not a searchrel relevance model (no artifacts/model folder)")
         return candidate
-    from pipelines.relevance.evaluation import resolve_model_dir
-
     return resolve_model_dir(model)
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A model folder (model.safetensors + config + tokenizer), or a stage/run folder holding `model/`."""
+    path = Path(model)
+    for candidate in (path, path / "model", path / "sft" / "model"):
+        if (candidate / "model.safetensors").exists():
+            return candidate
+    raise FileNotFoundError(f"no model under {model}: expected a folder with model.safetensors (an sft stage "
+                            "output or its model/ folder)")
 
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -333,12 +343,6 @@ def served_model(name: str, root: Path, *, alias: str = "champion", timeout: flo
     server's whole process group afterwards. `env` adds to the server's environment (e.g. the request limits
     of `pipelines.scoring_server`).
     """
-    import os
-    import signal
-    import sys
-    import time
-    import urllib.request
-
     port = free_port()
     env = {**os.environ, "SEARCHREL_ROOT": str(root), **(env or {})}
     env.pop("MLFLOW_TRACKING_URI", None)  # the store under `root`

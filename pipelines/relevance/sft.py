@@ -18,9 +18,10 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,9 +30,12 @@ import pyarrow.parquet as pq
 import torch
 from sklearn.metrics import f1_score
 
-from pipelines.relevance.model_card import MODEL_CARD
-from pipelines.relevance.models import ModelConfig
-from pipelines.training.config import TrainingConfig
+from pipelines.config import build_config
+from pipelines.relevance.config import SFTConfig
+from pipelines.relevance.model_card import prompt_settings, write_model_card
+from pipelines.relevance.models import label_token_ids, load_model_and_tokenizer, save_model
+from pipelines.relevance.prompts import build_prompt, encode_prompts, encode_text, format_response
+from pipelines.relevance.scoring import LEVELS, first_token_probs
 from pipelines.training.frozen_trunk import FrozenTrunk
 from pipelines.training.modeling import causal_lm_parts
 from pipelines.training.runtime import TrainingWorker, resolve_training_dtype, run_training
@@ -41,63 +45,11 @@ log = logging.getLogger(__name__)
 
 
 
-def prompt_settings(config) -> dict[str, Any]:
-    return {"response_style": config.response_style, "max_description_chars": config.max_description_chars,
-            "include_instruction": config.include_instruction, "match_hint": config.match_hint}
-
-
-@dataclass
-class SFTConfig(TrainingConfig):
-    """Settings of the `sft` stage (post-CoT supervised fine-tuning)."""
-
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Which model to fine-tune."})
-    response_style: Literal["post_cot", "pre_cot", "no_cot"] = field(
-        default="post_cot",
-        metadata={"help": "post_cot (label, then rationale), pre_cot (rationale, then label) or no_cot."},
-    )
-    max_length: int = field(default=384, metadata={"help": "Maximum tokens of prompt + response."})
-    max_description_chars: int = field(default=300, metadata={"help": "Description characters in the prompt."})
-    include_instruction: bool = field(
-        default=True, metadata={"help": "Put the level definitions in the prompt (off for models from scratch)."}
-    )
-    match_hint: bool = field(
-        default=False, metadata={"help": "End the prompt's fields with a line naming how many query words the "
-                                 "title holds and which it lacks (prompts.match_hint_text: why)."})
-    max_train_examples: int = field(default=0, metadata={"help": "Seeded subsample of training pairs; 0 = all."})
-    max_val_examples: int = field(default=256, metadata={"help": "Validation pairs scored during training."})
-    eval_steps: int = field(
-        default=50, metadata={"help": "First-token accuracy on validation pairs every N steps (0 = end only)."})
-    label_loss_weight: float = field(
-        default=1.0,
-        metadata={"help": "Weight of the label token in the token-mean loss (1 = plain next-token CE, as in the "
-                  "paper). The label is 1 of ~80 response tokens; small models learn it faster with more weight."},
-    )
-    balance_label_classes: bool = field(
-        default=False,
-        metadata={"help": "Scale each label token's weight by (n / (4 * n_level)) ** balance_power of the training "
-                  "pairs, so rare levels count (nearly) as much as common ones (macro-F1 rewards that)."},
-    )
-    balance_power: float = field(
-        default=1.0,
-        metadata={"help": "Exponent of the inverse level frequency when balancing: 1 = full, 0.5 = square root "
-                  "(milder: full balancing can swing a small model to the rare levels)."},
-    )
-    level_loss_weight: float = field(
-        default=0.0,
-        metadata={"help": "Weight of an added 4-way cross-entropy over the level tokens' logits at the label "
-                  "position (0 = off, the paper's plain next-token loss). A classifier loss: the model cannot "
-                  "lower it by moving mass between other tokens; from-scratch models learn the levels with it."},
-    )
-    bucket_window: int = field(default=50, metadata={"help": "Batches per length-sorting window."})
-
-
 # ----------------------------------------------------------------------------------------------------- data
 
 
 def build_examples(rows: pd.DataFrame, tokenizer, config: SFTConfig) -> pd.DataFrame:
     """Prompt and response text per pair; `rows` needs the judgment columns and a `rationale` column."""
-    from pipelines.relevance.prompts import build_prompt, format_response
-
     prompts = [build_prompt(tokenizer, q, t, d, config.max_description_chars, config.include_instruction,
                             config.match_hint)
                for q, t, d in zip(rows["query"], rows["title"], rows["description"], strict=True)]
@@ -109,8 +61,6 @@ def build_examples(rows: pd.DataFrame, tokenizer, config: SFTConfig) -> pd.DataF
 
 def tokenize_examples(examples: pd.DataFrame, tokenizer, config: SFTConfig) -> pa.Table:
     """input_ids and the index where the response starts (loss is computed from there on)."""
-    from pipelines.relevance.prompts import encode_prompts, encode_text
-
     # The same encoding as scoring and serving: fields (and rationales that quote them) that spell a special
     # token are trained on as the text they are, so the model never learns to read them as structure.
     prompt_ids = encode_prompts(tokenizer, list(examples["prompt"]))
@@ -235,8 +185,6 @@ class SFTWorker(TrainingWorker):
     name = "sft"
 
     def __init__(self, cfg: dict[str, Any]):
-        from pipelines.config import build_config
-
         super().__init__(cfg, build_config(SFTConfig, "sft", cfg["sft"]))
 
     def setup(self):
@@ -268,10 +216,6 @@ class SFTWorker(TrainingWorker):
         return FrozenTrunk(model, self.train["input_ids"][0][:prefix])
 
     def training_step(self) -> dict[str, float]:
-        import time
-
-        from pipelines.relevance.scoring import LEVELS
-
         c, t0 = self.config, time.perf_counter()
         level_ids = torch.tensor([self.label_ids[level] for level in LEVELS], device=self.device)
         losses = []
@@ -308,8 +252,6 @@ class SFTWorker(TrainingWorker):
                 "train/trunk_cache_gb": self.trunk.nbytes() / 1e9}
 
     def evaluate(self) -> dict[str, float]:
-        from pipelines.relevance.scoring import first_token_probs
-
         # ZeRO-3 gathers parameters collectively during forward, so every rank must take part.
         if self.rank != 0 and self.config.zero_stage != 3:
             return {}
@@ -347,8 +289,6 @@ def train_loop(cfg: dict[str, Any]) -> None:
 def save_initial_model(model, tokenizer, folder: Path) -> None:
     """Write the model training starts from, atomically. Always rewritten (deterministic bytes): the tiny
     tokenizer is trained on the data, so a folder kept from an earlier run could belong to other data."""
-    from pipelines.relevance.models import save_model
-
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(model, tokenizer, tmp)
@@ -361,9 +301,6 @@ def prepare_inputs(train_rows: pd.DataFrame, val_rows: pd.DataFrame, config: SFT
                    out_dir: Path, mlflow_run: dict[str, str] | None = None) -> dict[str, Any]:
     """Write what the workers read into `work_dir` (the initial model and tokenizer, the tokenized training
     pairs, the validation prompts) and return the workers' `cfg` (without its resume key and runtime)."""
-    from pipelines.relevance.models import label_token_ids, load_model_and_tokenizer
-    from pipelines.relevance.prompts import build_prompt
-
     work_dir = Path(work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     if config.max_train_examples and len(train_rows) > config.max_train_examples:
@@ -411,7 +348,7 @@ def run_sft(
     out_dir = paths["output"]
     label_ids = {int(k): v for k, v in loop_cfg["label_ids"].items()}
     (out_dir / "label_ids.json").write_text(json.dumps(loop_cfg["label_ids"]))
-    (out_dir / "model" / MODEL_CARD).write_text(json.dumps(prompt_settings(config) | {"label_ids": label_ids}))
+    write_model_card(out_dir / "model", prompt_settings(config) | {"label_ids": label_ids})
     summary = json.loads((out_dir / "train_summary.json").read_text())
     summary["label_ids"] = loop_cfg["label_ids"]
     summary["train_examples"] = loop_cfg["train_examples"]

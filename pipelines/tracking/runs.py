@@ -12,16 +12,21 @@ import logging
 import os
 import re
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
+from mlflow.data.pandas_dataset import from_pandas
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import path_not_unique, validate_param_and_metric_name
+from tabulate import tabulate
 
 from pipelines.config import to_dict
+from pipelines.provenance import git_commit, package_versions
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +95,6 @@ def _find_run(client: MlflowClient, experiment_id: str, tags: Mapping[str, str])
 
 
 def _common_tags(pipeline: str, run_key: str) -> dict[str, str]:
-    from pipelines.stage import git_commit, package_versions
-
     tags = {TAG_PIPELINE: pipeline, TAG_RUN_KEY: run_key, "git_commit": git_commit()}
     tags.update({f"version.{k}": v for k, v in package_versions().items()})
     return tags
@@ -152,8 +155,6 @@ def log_precision(choice: Mapping[str, Any], mlflow_run: Mapping[str, str] | Non
     `mlflow_run` (tracking_uri, run_id: the training drivers') or else the active run; nothing without either.
     A retry that resolves differently (another machine) keeps the first param (MLflow params are immutable);
     the tag holds the latest."""
-    from mlflow.entities import Metric, Param, RunTag
-
     if mlflow_run:
         client, run_id = MlflowClient(tracking_uri=mlflow_run["tracking_uri"]), mlflow_run["run_id"]
     elif mlflow.active_run() is not None:
@@ -170,10 +171,6 @@ def log_precision(choice: Mapping[str, Any], mlflow_run: Mapping[str, str] | Non
 
 def log_dataset(df, *, source: str, name: str, digest: str, context: str) -> None:
     """Log a table as an MLflow dataset input with our content digest (not MLflow's sample-based one)."""
-    import warnings
-
-    from mlflow.data.pandas_dataset import from_pandas
-
     with warnings.catch_warnings():  # schema-inference hints about int columns and ambiguous local sources
         warnings.simplefilter("ignore", UserWarning)
         dataset = from_pandas(df, source=source, name=name, digest=digest[:36])
@@ -182,15 +179,13 @@ def log_dataset(df, *, source: str, name: str, digest: str, context: str) -> Non
 
 def log_figure(fig, artifact_file: str) -> None:
     """Log a matplotlib figure as a PNG artifact of the active run and close it."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: loaded only when used
 
     mlflow.log_figure(fig, artifact_file)
     plt.close(fig)
 
 
 def log_table_markdown(rows: list[dict[str, Any]], artifact_file: str) -> str:
-    from tabulate import tabulate
-
     text = tabulate(rows, headers="keys", tablefmt="github")
     mlflow.log_text(text, artifact_file)
     return text

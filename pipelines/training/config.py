@@ -7,12 +7,40 @@ on purpose, the mapping is in `pipelines/training/__init__.py`.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 # A model or training precision. "auto" is resolved by the driver (`pipelines.training.precision.resolve_dtype`):
 # bf16 only where this machine measures it fast; a config holds the name, never a torch dtype (no ML import here).
 Dtype = Literal["auto", "float32", "bfloat16"]
+
+
+@functools.cache
+def literal_choices(cls: type) -> dict[str, tuple[Any, ...]]:
+    """The `Literal[...]` fields of a config dataclass and their choices (`Literal[...] | None` also allows None)."""
+    hints = typing.get_type_hints(cls)
+    choices: dict[str, tuple[Any, ...]] = {}
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        if any(typing.get_origin(a) is Literal for a in args) and all(
+                typing.get_origin(a) is Literal or a is type(None) for a in args):
+            choices[f.name] = tuple(v for a in args for v in (typing.get_args(a) if a is not type(None) else (None,)))
+    return choices
+
+
+def check_choices(config: Any) -> None:
+    """Refuse a value outside a `Literal[...]` field's choices in a config built directly (build_config's pydantic
+    validation refuses it already, naming the field and the choices); call it from `__post_init__`."""
+    for name, allowed in literal_choices(type(config)).items():
+        value = getattr(config, name)
+        if not any(value == a and type(value) is type(a) for a in allowed):
+            raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+
 
 # Fields that decide how often something is logged, saved or checked, or where and with how many processes the
 # work runs: changing them between a kill and the rerun must not throw the checkpoint away.
@@ -94,6 +122,7 @@ class TrainingConfig:
                   "(pipelines/training/shared_prefix.py). Off: full sequences, for comparison."})
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("per_device_train_batch_size and gradient_accumulation_steps must be at least 1")
         if self.num_workers < 1:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -67,8 +68,6 @@ def save_model(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike,
     stale = [name for name in _CONFLICTING_WEIGHTS if (out / name).exists()]
     if stale:
         raise FileExistsError(f"{out} already holds {stale}; save into an empty folder")
-    from safetensors.torch import save_file
-
     save_file(_state_dict_for_safetensors(model, state_dict), str(out / _WEIGHTS_FILE), metadata={"format": "pt"})
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):

@@ -26,6 +26,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import platform
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any, get_args
 
 import torch
 
+from pipelines.env import REPO_ROOT
 from pipelines.training.config import Dtype
 
 DTYPE_CHOICES: tuple[str, ...] = get_args(Dtype)  # ("auto", "float32", "bfloat16")
@@ -56,8 +58,6 @@ _CACHE_VERSION = 1
 
 def cache_dir() -> Path:
     """Where measured peaks are kept: `$SEARCHREL_CACHE/precision` (default `<repo>/.cache/precision`)."""
-    from pipelines.env import REPO_ROOT
-
     return Path(os.environ.get("SEARCHREL_CACHE", REPO_ROOT / ".cache")) / "precision"
 
 
@@ -92,8 +92,6 @@ def machine_key(device: str | torch.device = "cpu", threads: int | None = None) 
         index = torch.cuda.current_device() if index is None else index
         key |= {"gpu": torch.cuda.get_device_name(index), "capability": list(torch.cuda.get_device_capability(index))}
     else:
-        import platform
-
         info = _cpuinfo()
         key |= {"cpu": info.get("model name") or platform.processor() or platform.machine(),
                 "flags": sorted(_CPU_FLAGS & set((info.get("flags") or info.get("Features") or "").split())),

@@ -24,6 +24,7 @@ Outside Ray (`cfg["runtime"] == "local"`, the GPU check) the same worker runs in
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -40,9 +41,16 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+from transformers.integrations import HfDeepSpeedConfig
 
+from pipelines.env import REPO_ROOT
+from pipelines.raycluster import ensure_ray
+from pipelines.stage import path_digest
 from pipelines.training.config import NOT_RESULT_CHANGING, LoraSettings, TrainingConfig
 from pipelines.training.modeling import load_model, save_model
+from pipelines.training.precision import describe, precision_choice
 from pipelines.training.sharding import epoch_batches, rank_share
 
 log = logging.getLogger(__name__)
@@ -85,8 +93,6 @@ def deepspeed_config(config: TrainingConfig, world_size: int) -> dict[str, Any]:
 
 def _merge_deepspeed_file(built: dict[str, Any], path: str) -> dict[str, Any]:
     """`built` with the file's settings merged in; refuses a file that contradicts the config's own fields."""
-    from pipelines.env import REPO_ROOT
-
     file = Path(path) if Path(path).is_absolute() else REPO_ROOT / path
     if not file.exists():
         raise FileNotFoundError(f"deepspeed_config: {file} not found")
@@ -126,7 +132,7 @@ def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
 def build_engine(model, config: TrainingConfig, total_steps: int, ds_config: dict[str, Any]):
     """A DeepSpeed engine around `model` with a torch AdamW client optimizer (no JIT-built ops) and the
     warm-up/decay schedule; returns (engine, scheduler, trainable parameters)."""
-    import deepspeed
+    import deepspeed  # heavy: loaded only when used
 
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: one pass over each (ZeRO-flattened) fp32 master tensor instead of the loop implementation's five;
@@ -195,7 +201,7 @@ class MlflowTracker:
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.client is None:
             return
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # heavy: loaded only when used
 
         now = int(time.time() * 1000)
         self.pending += [Metric(k.replace("/", "_"), float(v), now, step) for k, v in metrics.items()
@@ -220,8 +226,7 @@ def _free_port() -> int:
 
 def _init_local_process_group() -> None:
     """A one-process group for running a worker outside Ray (the GPU check)."""
-    import deepspeed
-    import torch.distributed as dist
+    import deepspeed  # heavy: loaded only when used
 
     if dist.is_initialized():  # adopt it (a test's, or an earlier local worker's); DeepSpeed reads these
         rank = str(dist.get_rank())
@@ -245,8 +250,8 @@ class TrainingWorker:
         self.paths = {k: Path(v) for k, v in cfg["paths"].items()}
         self.in_ray = cfg.get("runtime", "ray") == "ray"
         if self.in_ray:
-            import deepspeed
-            import ray.train
+            import deepspeed  # heavy: loaded only when used
+            import ray.train  # heavy: loaded only when used
 
             ctx = ray.train.get_context()
             self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
@@ -346,8 +351,6 @@ class TrainingWorker:
         Under ZeRO-3 the weights are partitioned while they load (`deepspeed.zero.Init` through transformers'
         DeepSpeed integration), so no rank holds the whole fp32 model."""
         if self.config.zero_stage == 3:
-            from transformers.integrations import HfDeepSpeedConfig
-
             # transformers reads the config through a weak reference: it must live as long as the model loads.
             self._zero3_context = HfDeepSpeedConfig(self.ds_config)
         model, tokenizer = load_model(model_dir, "float32")
@@ -371,8 +374,6 @@ class TrainingWorker:
 
     def global_sum(self, value: torch.Tensor | float) -> torch.Tensor:
         """`value` summed over the ranks (a float64 tensor on this rank's device)."""
-        import torch.distributed as dist
-
         t = torch.as_tensor(value, dtype=torch.float64, device=self.device).detach().clone()
         if self.world > 1:
             dist.all_reduce(t)
@@ -408,7 +409,7 @@ class TrainingWorker:
 
     def _latest_checkpoint(self):
         if self.in_ray:
-            import ray.train
+            import ray.train  # heavy: loaded only when used
 
             return ray.train.get_checkpoint()
         return None  # in-process runs (the GPU check) are short and do not resume
@@ -416,11 +417,9 @@ class TrainingWorker:
     def save_checkpoint(self, metrics: dict[str, float]) -> None:
         """Every rank writes its DeepSpeed shard; Ray Train gathers them into one folder of the run's storage
         and keeps the newest only. Outside Ray there is nothing to report to, and nothing is written."""
-        import torch.distributed as dist
-
         if not self.in_ray:
             return
-        import ray.train
+        import ray.train  # heavy: loaded only when used
 
         states = [None] * self.world
         dist.all_gather_object(states, rng_state())
@@ -446,8 +445,6 @@ class TrainingWorker:
         if self.rank == 0:
             module = self.engine.module
             if self.config.lora.enabled:
-                import copy
-
                 module = copy.deepcopy(module).merge_and_unload()
             save_model(module, self.tokenizer, out)
 
@@ -466,7 +463,7 @@ class TrainingWorker:
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         try:
             import pyarrow as pa  # optional: the in-process GPU check runs without pyarrow
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # optional, as above
         except ImportError:
             (out / "history.json").write_text(json.dumps(self.history))
             return
@@ -474,8 +471,6 @@ class TrainingWorker:
                        out / "history.parquet")
 
     def _progress(self):
-        from tqdm.auto import tqdm
-
         return tqdm(total=self.total, initial=self.step, desc=self.name, unit="step", disable=self.rank != 0,
                     mininterval=5.0)
 
@@ -491,8 +486,6 @@ def resume_key(inputs: dict[str, Path], config: TrainingConfig) -> dict[str, str
     """The digests that decide whether a checkpoint may be resumed: one per input (data, tokenizer, initial
     model, reference log-probs...) and one of the result-changing settings (logging, checkpoint frequency and
     worker resources are not: see `config.NOT_RESULT_CHANGING`)."""
-    from pipelines.stage import path_digest
-
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_RESULT_CHANGING}
     key = {f"input:{name}": path_digest(path) for name, path in sorted(inputs.items())}
     key["settings"] = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
@@ -550,7 +543,7 @@ def check_cluster_fits(config: TrainingConfig, name: str, nodes: list[dict[str, 
     """Fail at once when `num_workers` bundles of the worker's resources cannot be placed on the cluster's
     nodes (by capacity, first fit), instead of waiting for Ray Train's worker-group start-up to time out."""
     if nodes is None:
-        import ray
+        import ray  # heavy: loaded only when used
 
         nodes = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
     need = worker_resources(config)
@@ -580,13 +573,11 @@ def resolve_training_dtype(config: T, mlflow_run: dict[str, str] | None = None) 
     shows it fast, see `precision.resolve_dtype`), the choice and both matmul peaks logged to the stage's MLflow
     run (`mlflow_run`: tracking_uri and run_id). Run once per stage, before the workers get their config: every
     rank then trains in the same precision, and the resume key holds the resolved name, not "auto"."""
-    from pipelines.training.precision import describe, precision_choice
-
     choice = precision_choice(config.dtype, "cuda" if config.use_gpu else "cpu", config.cpus_per_worker)
     if config.dtype == "auto":
         print(describe(choice), flush=True)
     if mlflow_run:
-        from pipelines.tracking.runs import log_precision
+        from pipelines.tracking.runs import log_precision  # heavy: loads mlflow, pandas
 
         log_precision(choice, mlflow_run)
     return dataclasses.replace(config, dtype=choice["dtype_resolved"])
@@ -597,10 +588,13 @@ def run_training(train_loop, loop_cfg: dict[str, Any], config: TrainingConfig, c
     """Run `train_loop` on `config.num_workers` Ray Train workers (gloo on CPUs, nccl with `use_gpu`), resuming
     the stage's last checkpoint when its resume key still holds, restarting lost workers up to
     `config.max_failures` times inside this job."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from pipelines.raycluster import ensure_ray
+    from ray.train import (  # heavy: loaded only when used
+        CheckpointConfig,
+        FailureConfig,
+        RunConfig,
+        ScalingConfig,
+    )
+    from ray.train.torch import TorchConfig, TorchTrainer  # heavy: loaded only when used
 
     if config.dtype == "auto":
         raise ValueError(f"{name}: resolve dtype auto on the driver first (resolve_training_dtype), so every "

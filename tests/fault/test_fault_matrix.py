@@ -41,7 +41,7 @@ the frozen launch's pid, and leave the frozen launch's temporary folder alone; t
 (A hung job stopped at its timeout: tests/test_job_safety.py.)
 
 A promote killed after its champion move, before it publishes, is rerun with its challenger already champion: it
-returns the decision recorded with the move (`promotion.already_champion`), so its decision.json is the
+returns the decision recorded with the move (`registry.already_champion`), so its decision.json is the
 uninterrupted run's.
 
 Size. `SEARCHREL_FAULT_POINTS` (default 1) is the number of kill points per stage; the default is
@@ -297,7 +297,7 @@ def _logged_models(root: Path) -> int:
 
 def _champion_moving(root: Path) -> bool:
     """Whether a champion move has begun in the registry of `root` (read-only; a busy store reads as not yet)."""
-    from pipelines.relevance.promotion import CHAMPION, TAG_PENDING
+    from pipelines.registry import CHAMPION, TAG_PENDING
 
     try:
         with contextlib.closing(sqlite3.connect(f"file:{root / 'mlflow.db'}?mode=ro", uri=True, timeout=0.05)) as db:
@@ -430,7 +430,7 @@ def _tracking(root: Path) -> dict:
     """The run key's MLflow runs per stage with their states, and the registered model's versions and aliases."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.relevance.promotion import TAG_HISTORY, TAG_PENDING
+    from pipelines.registry import TAG_HISTORY, TAG_PENDING
     from pipelines.tracking.runs import TAG_RUN_KEY, TAG_STAGE, experiment_name, tracking_uri
 
     client = MlflowClient(tracking_uri(root), registry_uri=tracking_uri(root))

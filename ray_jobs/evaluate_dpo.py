@@ -1,6 +1,0 @@
-"""Ray job entry point of the `evaluate_dpo` stage: `python -m ray_jobs.evaluate_dpo <pipeline> --run-key K [options of searchrel run]`."""
-
-from ray_jobs._entry import main
-
-if __name__ == "__main__":
-    main("evaluate_dpo")
