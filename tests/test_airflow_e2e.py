@@ -138,6 +138,9 @@ def test_retry_attaches_to_the_same_job(artifact_root, shared_data, tmp_path, ca
     assert len(_child_runs(artifact_root, "taosr1", run_key, "prepare")) == 1
 
 
+# A real Ray head through the Jobs API is in make test (test_airflow_provider: an astro-style connection submits,
+# a retry reattaches, a clear reruns); this real stage on a head is extended (CI's 30-minute cap).
+@pytest.mark.extended
 def test_cluster_path_through_the_jobs_api(artifact_root, shared_data, tmp_path, monkeypatch, capfd):
     import sys
 

@@ -467,8 +467,7 @@ def test_grpo_resumes_after_sigkill_where_it_stopped(sft_model, tmp_path, ray_lo
 # ---------------------------------------------------------------------------------- two workers, two nodes
 
 
-# Two nodes run in make test through SFT (test_training_runtime) and GRPO (below); DPO's, on the same runtime, is
-# extended (CI's 30-minute cap).
+# DPO on two nodes: extended, like GRPO's below (SFT's two-node runs stay in make test).
 @pytest.mark.slow
 @pytest.mark.extended
 @pytest.mark.parametrize("zero_stage", [2, 3])
@@ -487,7 +486,10 @@ def test_dpo_trains_on_two_workers_of_two_nodes(sft_model, tmp_path, on_two_node
     assert (tmp_path / "out" / "model" / "model.safetensors").exists()
 
 
+# Two nodes run in make test through SFT (test_training_runtime) on the same runtime; DPO's and GRPO's are
+# extended (CI's 30-minute cap).
 @pytest.mark.slow
+@pytest.mark.extended
 def test_grpo_trains_on_two_workers_of_two_nodes(sft_model, tmp_path, on_two_nodes):
     model_dir, rows = sft_model
     cfg = build_config(GRPOConfig, "grpo", GRPO_SMALL | {"max_steps": 2, "num_workers": 2,

@@ -55,6 +55,7 @@ def test_bf16_engine_trains_and_saves(judgments, tmp_path, ray_local):
     assert next(model.parameters()).dtype == torch.float32
 
 
+@pytest.mark.extended  # no profile trains LoRA (cpu: the top 10 layers); CI's 30-minute cap
 def test_lora_trains_only_adapters_and_merges(judgments, tmp_path, ray_local):
     summary, out = _sft(judgments, tmp_path, max_steps=3, lora={"enabled": True, "r": 4})
     full, _ = _sft(judgments, tmp_path / "full", max_steps=1)
